@@ -1,0 +1,53 @@
+# trillm: every developer task is a target here. `make` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch. Where pip would pick a CUDA build (plain PyPI on
+# x86_64), point pip at PyTorch's CPU wheel index first (README "Install").
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.trillm-installed
+PYTEST_ARGS ?=
+
+.PHONY: help install demo-model serve test test-unit test-engine test-server bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): backends/pyproject.toml client/pyproject.toml
+	@echo "== creating $(VENV) and installing trillm, trillm_client, tritonserver (wheel), test tools"
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e "backends[server,test]" -e client
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install everything (idempotent)
+
+demo-model: $(STAMP) ## build the deterministic demo Llama checkpoint into build/demo-model (cached)
+	$(VENV)/bin/trillm build-demo-model
+
+serve: demo-model ## install, build the demo model, serve all models on 127.0.0.1 (8000 http, 8001 grpc, 8002 metrics)
+	$(VENV)/bin/trillm serve
+
+test: $(STAMP) ## the whole CPU test suite: unit, engine, server (what CI runs)
+	$(PY) -m pytest -m "not docker and not gpu" $(PYTEST_ARGS)
+
+test-unit: $(STAMP) ## unit tests only (no server)
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
+test-engine: $(STAMP) ## CPU engine tests (real torch, no server)
+	$(PY) -m pytest -m engine $(PYTEST_ARGS)
+
+test-server: $(STAMP) ## tests against a real tritonserver on free loopback ports
+	$(PY) -m pytest -m server $(PYTEST_ARGS)
+
+bench: demo-model ## engine and served benchmarks; writes benchmarks/results/latest.json and docs/benchmarks.md
+	$(PY) -m benchmarks.run
+
+clean: ## remove build outputs (keeps .venv)
+	rm -rf build .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,139 @@
+"""``trillm serve``: render the model repository for a checkpoint and run tritonserver."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trillm.launcher import LaunchError, ServerOptions, TritonServer
+from trillm.templates import render_repository
+
+DEFAULT_MAX_MODEL_LEN_CAP = 4096
+
+
+@dataclass
+class ServeConfig:
+    """Everything that goes into the rendered config.pbtxt files (README "Configuration")."""
+
+    checkpoint_dir: Path
+    model_repository: Path = Path("model_repository")
+    work_dir: Path = Path("build/serve")
+    tokenizer_dir: Path | None = None
+    engine_kind: str = "torch"
+    engine_dir: str = ""
+    dtype: str = "float32"
+    max_batch_size: int = 64
+    max_model_len: int = 0  # 0 = min(max_position_embeddings, 4096)
+    max_input_len: int = 0  # 0 = max_model_len - 1
+    max_num_seqs: int = 0
+    max_num_batched_tokens: int = 0
+    kv_cache_blocks: int = 0
+    block_size: int = 16
+    num_threads: int = 0
+    enable_prefix_caching: bool = True
+    add_special_tokens: bool = True
+    skip_special_tokens: bool = True
+    default_exclude_input_in_output: bool = True
+    preprocessing_instances: int = 1
+    postprocessing_instances: int = 1
+    bls_instances: int = 1
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    extra_args: list[str] = field(default_factory=list)
+
+    def resolved_max_model_len(self) -> int:
+        if self.max_model_len:
+            return self.max_model_len
+        config = json.loads((self.checkpoint_dir / "config.json").read_text())
+        return min(int(config.get("max_position_embeddings", 2048)), DEFAULT_MAX_MODEL_LEN_CAP)
+
+    def template_values(self) -> dict[str, object]:
+        b = lambda v: "true" if v else "false"  # noqa: E731
+        return {
+            "checkpoint_dir": self.checkpoint_dir.resolve(),
+            "tokenizer_dir": (self.tokenizer_dir or self.checkpoint_dir).resolve(),
+            "engine_kind": self.engine_kind,
+            "engine_dir": self.engine_dir,
+            "dtype": self.dtype,
+            "max_batch_size": self.max_batch_size,
+            "max_model_len": self.resolved_max_model_len(),
+            "max_input_len": self.max_input_len,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "kv_cache_blocks": self.kv_cache_blocks,
+            "block_size": self.block_size,
+            "num_threads": self.num_threads,
+            "enable_prefix_caching": b(self.enable_prefix_caching),
+            "add_special_tokens": b(self.add_special_tokens),
+            "skip_special_tokens": b(self.skip_special_tokens),
+            "default_exclude_input_in_output": b(self.default_exclude_input_in_output),
+            "preprocessing_instances": self.preprocessing_instances,
+            "postprocessing_instances": self.postprocessing_instances,
+            "bls_instances": self.bls_instances,
+        }
+
+
+def check_checkpoint(path: Path) -> None:
+    missing = [name for name in ("config.json", "tokenizer.json") if not (path / name).exists()]
+    if missing:
+        raise LaunchError(
+            f"{path} is not a Hugging Face checkpoint directory we can serve: missing {', '.join(missing)} "
+            "(a Llama-style model saved with save_pretrained, including its fast tokenizer)"
+        )
+
+
+def prepare(config: ServeConfig) -> ServerOptions:
+    """Render the repository into the work dir; return the server options."""
+    check_checkpoint(config.checkpoint_dir)
+    rendered = config.work_dir / "model_repository"
+    render_repository(config.model_repository, rendered, config.template_values())
+    return ServerOptions(
+        model_repository=rendered.resolve(),
+        work_dir=config.work_dir.resolve(),
+        host=config.host,
+        http_port=config.http_port,
+        grpc_port=config.grpc_port,
+        metrics_port=config.metrics_port,
+        extra_args=list(config.extra_args),
+    )
+
+
+def serve(config: ServeConfig, ready_timeout: float = 600.0) -> int:
+    """Run until Ctrl-C / SIGTERM; returns the process exit code."""
+    server = TritonServer(prepare(config))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    try:
+        print(f"trillm: starting tritonserver (log: {server.log_path})", flush=True)
+        server.wait_ready(ready_timeout)
+        print(
+            f"trillm: ready. HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}\n"
+            f"  try: curl -s -X POST http://{server.http_url}/v2/models/ensemble/generate "
+            "-d '{\"text_input\": \"Hello\", \"max_tokens\": 32}'\n"
+            "  Ctrl-C stops the server.",
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            if server.process.poll() is not None:
+                print(f"trillm: tritonserver exited with {server.process.returncode}:\n{server.log_tail()}")
+                return 1
+        return 0
+    except LaunchError as exc:
+        print(f"trillm: {exc}", flush=True)
+        return 1
+    finally:
+        print("trillm: stopping tritonserver", flush=True)
+        server.stop()
+
+
+def env_port(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default

@@ -1,0 +1,181 @@
+"""``tensorrt_llm``: the decoupled engine host (INTERFACE.md "Internal models").
+
+Keeps NVIDIA's model name and tensors so existing clients work; the engine
+behind it is chosen by the ``engine_kind`` parameter (``torch`` on any CPU).
+``execute`` only parses, validates and enqueues; responses are sent from the
+host's responder thread (trillm.host).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from trillm.host import GenerationHost, HostRequest, HostResponse
+from trillm.tokenizer import load_tokenizer
+from trillm.triton import io
+from trillm.triton import tensors as T
+from trillm.triton.errors import ConfigError, InputError
+from trillm.triton.metrics import HostMetrics
+from trillm.triton.params import parse_parameters
+
+ENGINE_KINDS = ("torch", "tensorrt_llm")
+
+
+@dataclass
+class EngineHostParams:
+    checkpoint_dir: str
+    engine_kind: str = "torch"
+    tokenizer_dir: str = ""  # default: checkpoint_dir
+    engine_dir: str = ""  # TensorRT-LLM engine (engine_kind tensorrt_llm)
+    dtype: str = "float32"
+    max_num_seqs: int = 0
+    max_model_len: int = 0
+    max_num_batched_tokens: int = 0
+    kv_cache_blocks: int = 0
+    block_size: int = 16
+    num_threads: int = 0
+    enable_prefix_caching: bool = True
+    skip_special_tokens: bool = True
+    # What exclude_input_in_output means when the client does not send it.
+    default_exclude_input_in_output: bool = True
+
+    def validate(self) -> None:
+        if self.engine_kind not in ENGINE_KINDS:
+            raise ConfigError(f"parameter 'engine_kind': must be one of {ENGINE_KINDS}, got {self.engine_kind!r}")
+
+
+def create_engine(params: EngineHostParams):
+    if params.engine_kind == "torch":
+        from trillm.engine import EngineConfig, TorchEngine
+
+        config = EngineConfig(
+            checkpoint_dir=params.checkpoint_dir,
+            dtype=params.dtype,
+            max_num_seqs=params.max_num_seqs,
+            max_model_len=params.max_model_len,
+            max_num_batched_tokens=params.max_num_batched_tokens,
+            kv_cache_blocks=params.kv_cache_blocks,
+            block_size=params.block_size,
+            num_threads=params.num_threads,
+            enable_prefix_caching=params.enable_prefix_caching,
+        )
+        config.validate()
+        return TorchEngine(config)
+    raise ConfigError(
+        "engine_kind 'tensorrt_llm' needs TensorRT-LLM on an NVIDIA GPU host; "
+        "this build serves engine_kind 'torch'"
+    )
+
+
+def parse_rows(request, default_exclude: bool) -> list[HostRequest]:
+    """One HostRequest per batch row of a ``tensorrt_llm`` request."""
+    ids = io.required_input(request, T.ENG_INPUT_IDS, "input_ids")
+    lengths = io.optional_input(request, T.ENG_INPUT_LENGTHS)
+    out_len = io.required_input(request, T.ENG_OUTPUT_LEN, "max_tokens")
+    get = lambda name: io.optional_input(request, name)  # noqa: E731
+    sampling = {user: (spec, get(spec.name)) for user, spec in T.SAMPLING_INPUTS.items()}
+    stop, bad = get(T.ENG_STOP_WORDS), get(T.ENG_BAD_WORDS)
+    end_id, streaming, exclude = get(T.ENG_END_ID), get(T.ENG_STREAMING), get(T.ENG_EXCLUDE_INPUT)
+    rows = []
+    for b in range(ids.shape[0]):
+        row_ids = np.asarray(ids[b]).reshape(-1)
+        n = int(io.row_scalar(lengths, b, "input_lengths", row_ids.size))
+        if not 0 <= n <= row_ids.size:
+            raise InputError("input_lengths", f"must be in [0, {row_ids.size}], got {n}")
+        values = {}
+        for user, (spec, array) in sampling.items():
+            value = io.row_scalar(array, b, user, spec.default)
+            if value is not None:
+                value = bool(value) if spec.dtype is np.bool_ else (float(value) if spec.dtype is np.float32 else int(value))
+            values[user] = value
+        rows.append(
+            HostRequest(
+                input_ids=[int(t) for t in row_ids[:n]],
+                max_tokens=int(io.row_scalar(out_len, b, "max_tokens")),
+                streaming=bool(io.row_scalar(streaming, b, "stream", False)),
+                exclude_input=bool(io.row_scalar(exclude, b, "exclude_input_in_output", default_exclude)),
+                stop_words=io.from_word_list(None if stop is None else stop[b]),
+                bad_words=io.from_word_list(None if bad is None else bad[b]),
+                end_id=io.row_scalar(end_id, b, "end_id"),
+                **values,
+            )
+        )
+    return rows
+
+
+def to_triton(response: HostResponse):
+    """A HostResponse as the model's output tensors (batch dimension 1)."""
+    if response.error is not None:
+        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(response.error))
+    ids = np.asarray(response.output_ids, dtype=np.int32).reshape(1, 1, -1)
+    one = lambda v, dtype=np.int32: np.asarray([[v]], dtype=dtype)  # noqa: E731
+    outputs = [
+        (T.ENG_OUT_IDS, ids),
+        (T.ENG_OUT_SEQ_LEN, one(ids.shape[2])),
+        (T.ENG_OUT_PREFIX_LEN, one(response.prefix_length)),
+        (T.ENG_OUT_TEXT_LEN, one(response.text_length)),
+        (T.ENG_OUT_CUM_LOG_PROBS, one(response.cum_log_prob, np.float32)),
+        (T.ENG_OUT_LOG_PROBS, np.asarray(response.output_log_probs, dtype=np.float32).reshape(1, 1, -1)),
+        (T.ENG_OUT_BATCH_INDEX, one(response.batch_index)),
+        (T.ENG_OUT_SEQ_INDEX, one(response.sequence_index)),
+        (T.ENG_OUT_NUM_INPUT, one(response.num_input_tokens)),
+        (T.ENG_OUT_NUM_OUTPUT, one(response.num_output_tokens)),
+        (T.ENG_OUT_FINISH_REASON, np.asarray([[response.finish_reason.encode()]], dtype=object)),
+    ]
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, v) for n, v in outputs])
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        model_config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(model_config):
+            raise ConfigError(
+                "model 'tensorrt_llm' streams and must be decoupled: set "
+                "model_transaction_policy { decoupled: true } in its config.pbtxt"
+            )
+        self.params = parse_parameters(model_config, EngineHostParams)
+        self.metrics = HostMetrics(args.get("model_name", "tensorrt_llm"), args.get("model_version", "1"))
+        engine = create_engine(self.params)
+        tokenizer = load_tokenizer(self.params.tokenizer_dir or self.params.checkpoint_dir)
+        self.host = GenerationHost(engine, tokenizer, self.params.skip_special_tokens, observe=self.metrics.observe)
+        self._stop = threading.Event()
+        self._stats_thread = threading.Thread(target=self._publish_stats, name="trillm-metrics", daemon=True)
+        self._stats_thread.start()
+
+    def _publish_stats(self) -> None:
+        while not self._stop.wait(0.25):
+            try:
+                self.metrics.update(self.host.engine.stats())
+            except Exception:  # metrics must never take the model down
+                pass
+
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                rows = parse_rows(request, self.params.default_exclude_input_in_output)
+                self.host.start(rows, send=lambda r, s=sender: self._send(s, r), is_cancelled=sender.is_cancelled)
+            except InputError as exc:
+                sender.send(io.error_response(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    @staticmethod
+    def _send(sender, response: HostResponse) -> None:
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if response.final else 0
+        try:
+            sender.send(to_triton(response), flags=flags)
+        except Exception:
+            if response.final:  # the client went away; still close the request
+                try:
+                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                except Exception:
+                    pass
+
+    def finalize(self) -> None:
+        self._stop.set()
+        self.host.shutdown()

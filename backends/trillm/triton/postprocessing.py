@@ -1,0 +1,80 @@
+"""``postprocessing``: token ids in, text out (INTERFACE.md).
+
+Stateless, so it can batch any responses together. Exact streaming comes
+from the engine host: each streamed response carries a window of ids whose
+first PREFIX_LENGTH ids were already rendered, so the new text is
+``decode(window) - decode(window[:PREFIX_LENGTH])`` (trillm.detokenizer),
+which keeps spaces and multi-token characters intact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from trillm.detokenizer import decode_delta
+from trillm.tokenizer import load_tokenizer
+from trillm.triton import io
+from trillm.triton import tensors as T
+from trillm.triton.errors import InputError
+from trillm.triton.params import parse_parameters
+
+
+@dataclass
+class PostprocessingParams:
+    tokenizer_dir: str
+    skip_special_tokens: bool = True
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        self.params = parse_parameters(args["model_config"], PostprocessingParams)
+        self.tokenizer = load_tokenizer(self.params.tokenizer_dir)
+
+    def execute(self, requests: list) -> list:
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._execute_one(request))
+            except InputError as exc:
+                responses.append(io.error_response(exc))
+        return responses
+
+    def render(self, tokens: np.ndarray, seq_len: np.ndarray, prefix: np.ndarray | None, limit: np.ndarray | None):
+        """Text of every (batch row, beam): tokens [B, beams, L], seq_len [B, beams]."""
+        batch, beams = seq_len.shape[0], seq_len.reshape(seq_len.shape[0], -1).shape[1]
+        tokens = tokens.reshape(batch, beams, -1)
+        seq_len = seq_len.reshape(batch, beams)
+        out = np.empty((batch, beams), dtype=object)
+        for b in range(batch):
+            prefix_len = int(io.row_scalar(prefix, b, T.POST_PREFIX_LEN, 0))
+            text_len = int(io.row_scalar(limit, b, T.POST_TEXT_LEN, -1))
+            for k in range(beams):
+                n = int(seq_len[b, k])
+                if not 0 <= prefix_len <= n <= tokens.shape[2]:
+                    raise InputError(T.POST_SEQ_LEN, f"sequence length {n} / prefix {prefix_len} out of range")
+                text = decode_delta(
+                    self.tokenizer, tokens[b, k, :n].tolist(), prefix_len, self.params.skip_special_tokens
+                )
+                if text_len >= 0:
+                    text = text[:text_len]
+                out[b, k] = text.encode("utf-8")
+        return out
+
+    def _execute_one(self, request):
+        tokens = io.required_input(request, T.POST_TOKENS)
+        seq_len = io.required_input(request, T.POST_SEQ_LEN)
+        text = self.render(
+            tokens,
+            seq_len,
+            io.optional_input(request, T.POST_PREFIX_LEN),
+            io.optional_input(request, T.POST_TEXT_LEN),
+        )
+        outputs = [pb_utils.Tensor(T.POST_OUTPUT, text)]
+        for name, out_name in T.POST_PASSTHROUGH.items():
+            value = pb_utils.get_input_tensor_by_name(request, name)
+            if value is not None:
+                outputs.append(pb_utils.Tensor(out_name, value.as_numpy()))
+        return pb_utils.InferenceResponse(output_tensors=outputs)
