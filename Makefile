@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 .PHONY: help install demo-model serve test test-unit test-engine test-server bench clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 $(STAMP): backends/pyproject.toml client/pyproject.toml
 	@echo "== creating $(VENV) and installing trillm, trillm_client, tritonserver (wheel), test tools"
@@ -51,3 +51,4 @@ bench: demo-model ## engine and served benchmarks; writes benchmarks/results/lat
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
+include mk/gpu.mk

@@ -43,6 +43,9 @@ def triton_server(demo_model_dir, tmp_path_factory):
         metrics_port=free_port(),
         max_model_len=1024,
         max_input_len=512,
+        # scripts/gpu_check.sh runs the same server tests on a TensorRT-LLM engine.
+        engine_kind=os.environ.get("TRILLM_TEST_ENGINE", "torch"),
+        engine_dir=os.environ.get("TRILLM_TEST_ENGINE_DIR", ""),
     )
     server = TritonServer(prepare(config))
     server.start()

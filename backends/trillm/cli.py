@@ -1,4 +1,4 @@
-"""The ``trillm`` command: build-demo-model, serve, render."""
+"""The ``trillm`` command: build-demo-model, serve, render, build-engine."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from trillm.serve import ServeConfig, env_port, prepare, serve
+from trillm.trtllm import build as trtllm_build
 
 
 def _serve_args(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     serve_p.add_argument("--ready-timeout", type=float, default=600.0)
     render_p = sub.add_parser("render", help="only render the model repository (e.g. for NVIDIA's container)")
     _serve_args(render_p)
+    engine_p = sub.add_parser("build-engine", help="build a TensorRT-LLM engine from a local HF checkpoint (GPU host)")
+    trtllm_build.add_arguments(engine_p)
     args = parser.parse_args(argv)
+
+    if args.command == "build-engine":
+        return trtllm_build.run(args)
 
     if args.command == "build-demo-model":
         from trillm.demo_model import DEFAULT_DEMO_DIR, build_demo_model

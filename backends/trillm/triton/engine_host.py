@@ -9,6 +9,7 @@ host's responder thread (trillm.host).
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass
 
@@ -49,27 +50,28 @@ class EngineHostParams:
             raise ConfigError(f"parameter 'engine_kind': must be one of {ENGINE_KINDS}, got {self.engine_kind!r}")
 
 
-def create_engine(params: EngineHostParams):
-    if params.engine_kind == "torch":
-        from trillm.engine import EngineConfig, TorchEngine
+def create_engine(params: EngineHostParams, version_dir: str | None = None):
+    """The engine ``engine_kind`` names; TensorRT-LLM is imported only when asked for."""
+    if params.engine_kind == "tensorrt_llm":
+        from trillm.trtllm import create_trtllm_engine
 
-        config = EngineConfig(
-            checkpoint_dir=params.checkpoint_dir,
-            dtype=params.dtype,
-            max_num_seqs=params.max_num_seqs,
-            max_model_len=params.max_model_len,
-            max_num_batched_tokens=params.max_num_batched_tokens,
-            kv_cache_blocks=params.kv_cache_blocks,
-            block_size=params.block_size,
-            num_threads=params.num_threads,
-            enable_prefix_caching=params.enable_prefix_caching,
-        )
-        config.validate()
-        return TorchEngine(config)
-    raise ConfigError(
-        "engine_kind 'tensorrt_llm' needs TensorRT-LLM on an NVIDIA GPU host; "
-        "this build serves engine_kind 'torch'"
+        # A version's engine.json (written by `trillm build-engine`) wins over engine_dir.
+        return create_trtllm_engine(params, version_dir=version_dir)
+    from trillm.engine import EngineConfig, TorchEngine
+
+    config = EngineConfig(
+        checkpoint_dir=params.checkpoint_dir,
+        dtype=params.dtype,
+        max_num_seqs=params.max_num_seqs,
+        max_model_len=params.max_model_len,
+        max_num_batched_tokens=params.max_num_batched_tokens,
+        kv_cache_blocks=params.kv_cache_blocks,
+        block_size=params.block_size,
+        num_threads=params.num_threads,
+        enable_prefix_caching=params.enable_prefix_caching,
     )
+    config.validate()
+    return TorchEngine(config)
 
 
 def parse_rows(request, default_exclude: bool) -> list[HostRequest]:
@@ -140,7 +142,10 @@ class TritonPythonModel:
             )
         self.params = parse_parameters(model_config, EngineHostParams)
         self.metrics = HostMetrics(args.get("model_name", "tensorrt_llm"), args.get("model_version", "1"))
-        engine = create_engine(self.params)
+        version_dir = None
+        if "model_repository" in args:
+            version_dir = os.path.join(args["model_repository"], str(args.get("model_version", "1")))
+        engine = create_engine(self.params, version_dir)
         tokenizer = load_tokenizer(self.params.tokenizer_dir or self.params.checkpoint_dir)
         self.host = GenerationHost(engine, tokenizer, self.params.skip_special_tokens, observe=self.metrics.observe)
         self._stop = threading.Event()

@@ -1,0 +1,129 @@
+"""The TensorRT-LLM engine on a real GPU (marker ``gpu``; scripts/gpu_check.sh runs these).
+
+Skipped, with the reason in the summary, where there is no NVIDIA GPU or no
+``tensorrt_llm``. The engine is built once per session from the demo
+checkpoint in float32, or taken from ``TRILLM_TEST_ENGINE_DIR`` (what
+gpu_check.sh built). The demo model is built so that greedy decoding is
+robust to float noise, so TensorRT-LLM and the torch engine must agree.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from trtllm_helpers import Collector
+
+from trillm.engine.types import FinishReason, GenerationRequest, SamplingParams
+
+PROMPT = [1, 100, 200, 300, 400]
+
+
+def _why_skip() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return "no NVIDIA GPU here (nvidia-smi not found)"
+    if subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode != 0:
+        return "nvidia-smi finds no usable NVIDIA GPU"
+    if importlib.util.find_spec("tensorrt_llm") is None:
+        return "tensorrt_llm is not installed (docs/gpu.md says how)"
+    return None
+
+
+SKIP_REASON = _why_skip()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(SKIP_REASON is not None, reason=f"GPU tests: {SKIP_REASON}")]
+
+
+@pytest.fixture(scope="session")
+def gpu_engine_dir(demo_model_dir, tmp_path_factory) -> Path:
+    prebuilt = os.environ.get("TRILLM_TEST_ENGINE_DIR")
+    if prebuilt:
+        return Path(prebuilt)
+    from trillm.trtllm.build import BuildOptions, build_engine
+
+    out = tmp_path_factory.mktemp("trt") / "engine"
+    return build_engine(BuildOptions(checkpoint_dir=Path(demo_model_dir), out_dir=out, dtype="float32",
+                                     max_batch_size=16, max_seq_len=1024, max_input_len=512, max_num_tokens=2048))
+
+
+def _params(engine_kind: str, checkpoint: Path, engine_dir: Path | str = ""):
+    from trillm.triton.engine_host import EngineHostParams
+
+    return EngineHostParams(checkpoint_dir=str(checkpoint), engine_kind=engine_kind, engine_dir=str(engine_dir),
+                            max_model_len=1024)
+
+
+@pytest.fixture(scope="session")
+def trt_engine(gpu_engine_dir, demo_model_dir):
+    from trillm.trtllm import create_trtllm_engine
+
+    engine = create_trtllm_engine(_params("tensorrt_llm", demo_model_dir, gpu_engine_dir))
+    yield engine
+    engine.shutdown()
+
+
+_ids = iter(range(10**9))
+
+
+def generate(engine, prompt=PROMPT, **sampling) -> Collector:
+    collector = Collector()
+    engine.submit(GenerationRequest(f"gpu-{next(_ids)}", list(prompt), SamplingParams(**sampling)), collector)
+    collector.wait(timeout=120)
+    return collector
+
+
+def test_greedy_streams_max_tokens_deterministically(trt_engine):
+    first = generate(trt_engine, max_tokens=32)
+    second = generate(trt_engine, max_tokens=32)
+    assert first.tokens == second.tokens and len(first.tokens) == 32
+    assert first.outputs[-1].finish_reason is FinishReason.LENGTH
+    assert [o.finished for o in first.outputs].count(True) == 1
+
+
+def test_greedy_matches_the_torch_engine(trt_engine, demo_model_dir):
+    from trillm.triton.engine_host import create_engine
+
+    torch_engine = create_engine(_params("torch", demo_model_dir))
+    try:
+        expected = generate(torch_engine, max_tokens=32).tokens
+    finally:
+        torch_engine.shutdown()
+    assert generate(trt_engine, max_tokens=32).tokens == expected
+
+
+def test_end_id_stops_without_returning_it(trt_engine):
+    greedy = generate(trt_engine, max_tokens=16).tokens
+    stopped = generate(trt_engine, max_tokens=16, end_id=greedy[5])
+    assert stopped.tokens == greedy[: greedy.index(greedy[5])]
+    assert stopped.outputs[-1].finish_reason is FinishReason.END
+
+
+def test_min_tokens_and_bad_words_change_the_output(trt_engine):
+    greedy = generate(trt_engine, max_tokens=8).tokens
+    assert generate(trt_engine, max_tokens=8, end_id=greedy[0], min_tokens=2).tokens[0] != greedy[0]
+    assert generate(trt_engine, max_tokens=8, bad_token_seqs=[[greedy[0]]]).tokens[0] != greedy[0]
+    banned_pair = generate(trt_engine, max_tokens=8, bad_token_seqs=[[greedy[0], greedy[1]]]).tokens
+    assert banned_pair[0] == greedy[0] and banned_pair[1] != greedy[1]
+
+
+def test_seeded_sampling_repeats(trt_engine):
+    a = generate(trt_engine, max_tokens=24, temperature=1.0, seed=5).tokens
+    b = generate(trt_engine, max_tokens=24, temperature=1.0, seed=5).tokens
+    assert a == b
+
+
+def test_log_probs_come_with_every_token(trt_engine):
+    c = generate(trt_engine, max_tokens=12, return_log_probs=True)
+    assert len(c.log_probs) == 12 and all(v <= 0.0 for v in c.log_probs)
+
+
+def test_cancel_stops_generation(trt_engine):
+    collector = Collector()
+    trt_engine.submit(GenerationRequest("gpu-cancel", PROMPT, SamplingParams(max_tokens=900)), collector)
+    assert collector.first.wait(60)
+    trt_engine.cancel("gpu-cancel")
+    assert collector.wait(timeout=30).finish_reason is FinishReason.CANCELLED
+    assert len(collector.tokens) < 900
