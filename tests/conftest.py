@@ -47,7 +47,9 @@ def triton_server(demo_model_dir, tmp_path_factory):
         engine_kind=os.environ.get("TRILLM_TEST_ENGINE", "torch"),
         engine_dir=os.environ.get("TRILLM_TEST_ENGINE_DIR", ""),
     )
-    server = TritonServer(prepare(config))
+    options = prepare(config)
+    options.exit_timeout = 5
+    server = TritonServer(options)
     server.start()
     try:
         server.wait_ready(timeout=600)

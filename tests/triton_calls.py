@@ -94,7 +94,8 @@ def http_generate(http_url: str, model: str, payload: dict | bytes, version: str
         body = json.loads(response.read() or b"{}")
     finally:
         conn.close()
-    if response.status != 200:
+    # Triton reports some errors (e.g. a second response on /generate) with status 200.
+    if response.status != 200 or "error" in body:
         return Result(error=body.get("error", str(body)))
     return Result(pieces=[body["text_output"]], responses=[body])
 
@@ -104,7 +105,9 @@ def http_generate_stream(http_url: str, model: str, payload: dict, version: str 
     out = Result()
     try:
         if response.status != 200:
-            out.error = json.loads(response.read() or b"{}").get("error", f"HTTP {response.status}")
+            body = response.read().decode("utf-8", "replace").strip()
+            body = body[len("data:"):] if body.startswith("data:") else body
+            out.error = json.loads(body or "{}").get("error", f"HTTP {response.status}")
             return out
         for raw in response:
             line = raw.decode("utf-8").strip()

@@ -178,7 +178,7 @@ class GenerationHost:
         self.engine = engine
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.observe = observe or (lambda kind, value: None)
+        self._observer = observe
         self._ids = itertools.count()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._calls: list[_Call] = []
@@ -188,6 +188,14 @@ class GenerationHost:
         self._responder.start()
         self._watcher = threading.Thread(target=self._watch_cancellation, name="trillm-cancel", daemon=True)
         self._watcher.start()
+
+    def observe(self, kind: str, value: object) -> None:
+        """Report to the metrics observer; a metrics failure never fails a request."""
+        if self._observer is not None:
+            try:
+                self._observer(kind, value)
+            except Exception:
+                pass
 
     # -- request side ------------------------------------------------------
     def start(

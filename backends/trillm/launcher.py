@@ -105,6 +105,8 @@ class ServerOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     log_file: Path | None = None
+    # How long shutdown waits for in-flight requests and connections.
+    exit_timeout: int = 30
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -144,6 +146,7 @@ class TritonServer:
             "--allow-metrics=true",
             "--exit-on-error=true",
             "--log-info=true",
+            f"--exit-timeout-secs={o.exit_timeout}",
             *o.extra_args,
         ]
 

@@ -139,10 +139,14 @@ BAD_INPUTS = [
     ({"text_input": "hi", "max_tokens": 100000}, "max_tokens"),
     ({"text_input": "", "max_tokens": 8}, "text_input"),
     ({"text_input": "word " * 3000, "max_tokens": 8}, "text_input"),
-    ({"text_input": "hi", "max_tokens": "many"}, "max_tokens"),
+    # Triton parses the JSON of /generate before any model runs, and its type
+    # errors name the rule but not the input (gRPC ones name both: see below).
+    ({"text_input": "hi", "max_tokens": "many"}, "non-signed-integer as signed-integer"),
     ({"text_input": "hi", "max_tokens": 8, "top_p": 2.0}, "top_p"),
     ({"text_input": "hi", "max_tokens": 8, "temperature": -1.0}, "temperature"),
-    ({"text_input": "hi", "max_tokens": 8, "stream": True}, "stream"),
+    # The model cannot tell /generate from /generate_stream: Triton refuses the
+    # second response of a streamed request with this rule.
+    ({"text_input": "hi", "max_tokens": 8, "stream": True}, "use generate stream"),
 ]
 
 

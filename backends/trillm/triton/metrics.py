@@ -19,9 +19,12 @@ class HostMetrics:
         if not self.enabled:
             return
         labels = {"model": model, "version": version}
+        # A MetricFamily must outlive its Metrics: keep every one referenced.
+        self._families = []
 
         def make(name, kind, description, **extra):
             metric_family = family(name=name, description=description, kind=kind)
+            self._families.append(metric_family)
             if kind == family.HISTOGRAM:
                 return metric_family.Metric(labels=labels, buckets=extra["buckets"])
             return metric_family.Metric(labels=labels)
@@ -43,6 +46,7 @@ class HostMetrics:
         self.itl = make("trillm_inter_token_latency_seconds", H, "Time between tokens", buckets=LATENCY_BUCKETS)
         finished = family(name="trillm_requests_finished_total", description="Finished sequences by reason", kind=C)
         self._finished_family = finished
+        self._families.append(finished)
         self._finished: dict[str, object] = {}
         self._labels = labels
 

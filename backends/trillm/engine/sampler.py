@@ -1,0 +1,116 @@
+"""Choosing each sequence's next token from its logits.
+
+Order of processing, as in ``transformers``: repetition penalty (over prompt
+and output), presence/frequency penalties (OpenAI semantics, over the
+output), banned tokens (bad token sequences, end_id before min_tokens), then
+for sampling: temperature, top-k, top-p, and a draw from the request's own
+``torch.Generator``. A row's result depends only on its logits and its
+sequence, never on the other rows, so seeded sampling repeats exactly.
+
+Rows with plain greedy decoding (the common case) are handled together.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trillm.engine.sequence import Sequence
+
+
+class SamplingError(Exception):
+    """A request's logits or parameters made sampling impossible."""
+
+
+def _needs_processing(seq: Sequence) -> bool:
+    p = seq.params
+    return (
+        not p.greedy
+        or p.repetition_penalty != 1.0
+        or p.presence_penalty != 0.0
+        or p.frequency_penalty != 0.0
+        or bool(p.bad_token_seqs)
+        or (p.end_id is not None and seq.num_output_tokens < p.min_tokens)
+    )
+
+
+def banned_tokens(seq: Sequence) -> list[int]:
+    """Tokens that must not come next: bad sequences' last tokens, and end_id before min_tokens."""
+    p = seq.params
+    banned = []
+    if p.end_id is not None and seq.num_output_tokens < p.min_tokens:
+        banned.append(p.end_id)
+    output = seq.output_ids
+    for bad in p.bad_token_seqs:
+        if not bad:
+            continue
+        prefix = bad[:-1]
+        if not prefix or (len(output) >= len(prefix) and output[len(output) - len(prefix):] == prefix):
+            banned.append(bad[-1])
+    return banned
+
+
+def process_logits(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """Penalties and bans applied to one row of logits (a new tensor)."""
+    p = seq.params
+    logits = logits.clone()
+    vocab = logits.shape[0]
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.token_ids)))
+        score = logits[seen]
+        logits[seen] = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+    if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and seq.num_output_tokens:
+        counts = torch.bincount(torch.tensor(seq.output_ids), minlength=vocab).to(logits.dtype)
+        logits -= counts * p.frequency_penalty + (counts > 0).to(logits.dtype) * p.presence_penalty
+    banned = banned_tokens(seq)
+    if banned:
+        logits[torch.tensor(banned)] = float("-inf")
+    return logits
+
+
+def sample_one(logits: torch.Tensor, seq: Sequence) -> tuple[int, float]:
+    """(token, its log-probability) for one sequence from its row of logits."""
+    p = seq.params
+    logits = process_logits(logits, seq)
+    if p.greedy:
+        token = int(logits.argmax())
+        return token, float(torch.log_softmax(logits, -1)[token])
+    logits = logits / p.temperature
+    vocab = logits.shape[0]
+    if 0 < p.top_k < vocab:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= 1.0 - p.top_p
+        remove[-1] = False
+        logits = logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+    log_probs = torch.log_softmax(logits, -1)
+    probs = log_probs.exp()
+    if not bool(torch.isfinite(probs).all()):
+        raise SamplingError(f"non-finite probabilities (temperature={p.temperature}, top_p={p.top_p})")
+    token = int(torch.multinomial(probs, 1, generator=seq.generator))
+    return token, float(log_probs[token])
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, float] | Exception]:
+    """The next token and its log-probability for each row, or the exception that row raised."""
+    results: list[tuple[int, float] | Exception | None] = [None] * len(seqs)
+    finite = torch.isfinite(logits).any(-1) & ~torch.isnan(logits).any(-1)
+    plain = []
+    for i, seq in enumerate(seqs):
+        if not finite[i]:
+            results[i] = SamplingError("the model produced NaN or no finite logits")
+        elif _needs_processing(seq):
+            try:
+                results[i] = sample_one(logits[i], seq)
+            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+                results[i] = e
+        else:
+            plain.append(i)
+    if plain:
+        rows = logits[torch.tensor(plain)]
+        tokens = rows.argmax(-1)
+        log_probs = torch.log_softmax(rows, -1).gather(1, tokens[:, None])[:, 0]
+        for i, token, log_prob in zip(plain, tokens.tolist(), log_probs.tolist()):
+            results[i] = (token, log_prob)
+    return results  # type: ignore[return-value]
