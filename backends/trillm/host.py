@@ -159,6 +159,7 @@ class _Call:
     sequences: list[_Sequence] = field(default_factory=list)
     open: int = 0
     cancelled: bool = False
+    keys: tuple[str, ...] = ()  # names a stop request can cancel this call by
 
 
 class GenerationHost:
@@ -182,6 +183,7 @@ class GenerationHost:
         self._ids = itertools.count()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._calls: list[_Call] = []
+        self._by_key: dict[str, _Call] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._responder = threading.Thread(target=self._respond_loop, name="trillm-responder", daemon=True)
@@ -203,12 +205,14 @@ class GenerationHost:
         rows: list[HostRequest],
         send: Callable[[HostResponse], None],
         is_cancelled: Callable[[], bool] = lambda: False,
+        keys: tuple[str, ...] = (),
     ) -> None:
         """Validate every row, then submit them all. Raises InputError before
-        anything is submitted, so a bad row fails the whole call cleanly."""
+        anything is submitted, so a bad row fails the whole call cleanly.
+        ``keys`` name the call for :meth:`cancel_key`."""
         for row in rows:
             row.validate(self.engine.vocab_size, self.engine.max_model_len)
-        call = _Call(send=send, is_cancelled=is_cancelled)
+        call = _Call(send=send, is_cancelled=is_cancelled, keys=tuple(k for k in keys if k))
         now = time.monotonic()
         stops = None
         for b, row in enumerate(rows):
@@ -227,6 +231,8 @@ class GenerationHost:
         call.open = len(call.sequences)
         with self._lock:
             self._calls.append(call)
+            for key in call.keys:
+                self._by_key.setdefault(key, call)
         submitted = []
         try:
             for seq in call.sequences:
@@ -238,9 +244,30 @@ class GenerationHost:
         except ValueError as exc:
             for seq in submitted:
                 self.engine.cancel(seq.request_id)
-            with self._lock:
-                self._calls.remove(call)
+            self._forget(call)
             raise InputError("text_input", str(exc)) from exc
+
+    def cancel_key(self, key: str) -> bool:
+        """Cancel the call started with ``key`` (a stop request); False if none is running."""
+        with self._lock:
+            call = self._by_key.get(key)
+        if call is None:
+            return False
+        self._cancel(call)
+        return True
+
+    def _cancel(self, call: _Call) -> None:
+        call.cancelled = True
+        for seq in call.sequences:
+            self.engine.cancel(seq.request_id)
+
+    def _forget(self, call: _Call) -> None:
+        with self._lock:
+            if call in self._calls:
+                self._calls.remove(call)
+            for key in call.keys:
+                if self._by_key.get(key) is call:
+                    del self._by_key[key]
 
     def shutdown(self) -> None:
         self._stopping.set()
@@ -288,9 +315,7 @@ class GenerationHost:
         final = call.open == 0
         self.observe("finished", reason.value)
         if final:
-            with self._lock:
-                if call in self._calls:
-                    self._calls.remove(call)
+            self._forget(call)
         if call.cancelled:
             if final:
                 call.send(self._empty(seq, reason, final=True))
@@ -401,6 +426,4 @@ class GenerationHost:
                 except Exception:
                     cancelled = False
                 if cancelled:
-                    call.cancelled = True
-                    for seq in call.sequences:
-                        self.engine.cancel(seq.request_id)
+                    self._cancel(call)

@@ -16,14 +16,14 @@ from trillm_client.client import (
     not_ready_error,
     stream_request,
 )
-from trillm_client.completion import Completion, CompletionBuilder, ModelInfo
+from trillm_client.completion import Completion, CompletionBuilder, ModelInfo, StreamProgress
 from trillm_client.errors import UnavailableError
 from trillm_client.params import Request, build_request
 
 AsyncCall = AsyncGrpcCall | AsyncHttpCall
 
 
-class AsyncTextStream(AsyncIterator[str]):
+class AsyncTextStream(StreamProgress, AsyncIterator[str]):
     """The asyncio twin of :class:`trillm_client.TextStream`.
 
     The request is sent when iteration starts (or on ``async with``). If the
@@ -34,25 +34,14 @@ class AsyncTextStream(AsyncIterator[str]):
     """
 
     def __init__(self, open_call: Callable[[], Awaitable[AsyncCall]], builder: CompletionBuilder) -> None:
+        super().__init__(builder, started=0.0)  # set when the request is sent
         self._open_call = open_call
-        self._builder = builder
         self._call: AsyncCall | None = None
-        self._started = 0.0
-        self.completion: Completion | None = None
-        self.token_times: list[float] = []
-
-    @property
-    def ttft(self) -> float | None:
-        return self.token_times[0] if self.token_times else None
-
-    @property
-    def itl(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
     async def start(self) -> None:
         """Sends the request (once)."""
         if self._call is None:
-            self._started = time.perf_counter()
+            self._sent()
             self._call = await self._open_call()
 
     async def __anext__(self) -> str:
@@ -62,16 +51,12 @@ class AsyncTextStream(AsyncIterator[str]):
             try:
                 response = await self._call.__anext__()
             except StopAsyncIteration:
-                tail = self._builder.flush()
-                elapsed = time.perf_counter() - self._started
-                self.completion = self._builder.build(latency=elapsed)
+                tail = self._finish()
                 if tail:
-                    self.token_times.append(elapsed)
                     return tail
                 break
-            delta = self._builder.add(response)
-            if delta and response.sequence_index == 0:
-                self.token_times.append(time.perf_counter() - self._started)
+            delta = self._take(response)
+            if delta:
                 return delta
         raise StopAsyncIteration
 
@@ -87,7 +72,7 @@ class AsyncTextStream(AsyncIterator[str]):
         if self._call is not None:
             self._call.cancel()
 
-    async def __aenter__(self) -> "AsyncTextStream":
+    async def __aenter__(self) -> AsyncTextStream:
         await self.start()
         return self
 
@@ -212,7 +197,7 @@ class AsyncClient:
             await self._control_client.close()
             self._control_client = None
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

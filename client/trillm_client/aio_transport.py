@@ -16,7 +16,6 @@ cancelled, the call cancels its request before ``CancelledError`` propagates.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -33,6 +32,8 @@ from trillm_client.wire import (
     error_from_http,
     generate_path,
     grpc_request,
+    http_body,
+    http_headers,
     is_final,
     json_object,
     response_from_grpc,
@@ -51,7 +52,7 @@ class AsyncGrpcTransport:
         self._channel: grpc.aio.Channel | None = None
         self._stub: service_pb2_grpc.GRPCInferenceServiceStub | None = None
 
-    async def open(self, model: str, version: str, request: Request) -> "AsyncGrpcCall":
+    async def open(self, model: str, version: str, request: Request) -> AsyncGrpcCall:
         if self._stub is None:
             self._channel = grpc.aio.insecure_channel(
                 self.url,
@@ -131,15 +132,14 @@ class AsyncHttpTransport:
         self.timeout = timeout
         self._session: aiohttp.ClientSession | None = None
 
-    async def open(self, model: str, version: str, request: Request, sse: bool) -> "AsyncHttpCall":
+    async def open(self, model: str, version: str, request: Request, sse: bool) -> AsyncHttpCall:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout, sock_read=self.timeout)
             )
         call = AsyncHttpCall(f"{self.host}:{self.port}", self.timeout, sse)
         url = f"http://{self.host}:{self.port}{generate_path(model, version, sse)}"
-        body = json.dumps(request.json_payload(), ensure_ascii=False).encode("utf-8")
-        await call.start(self._session, url, body)
+        await call.start(self._session, url, http_body(request))
         return call
 
     async def close(self) -> None:
@@ -158,9 +158,8 @@ class AsyncHttpCall(AsyncIterator[Response]):
         self._open = True
 
     async def start(self, session: aiohttp.ClientSession, url: str, body: bytes) -> None:
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if self._sse else "application/json"}
         async with self._guard():
-            self._response = await session.post(url, data=body, headers=headers)
+            self._response = await session.post(url, data=body, headers=http_headers(self._sse is not None))
             if self._response.status != 200:
                 raise error_from_http(self._response.status, await self._response.read())
             if self._sse is None:

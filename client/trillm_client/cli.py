@@ -41,7 +41,9 @@ def exit_code(exc: BaseException) -> int:
 def build_parser() -> argparse.ArgumentParser:
     server = argparse.ArgumentParser(add_help=False)
     group = server.add_argument_group("server")
-    group.add_argument("--url", help=f"host:port (default {DEFAULT_URLS['grpc']} for grpc, {DEFAULT_URLS['http']} for http)")
+    group.add_argument(
+        "--url", help=f"host:port (default {DEFAULT_URLS['grpc']} for grpc, {DEFAULT_URLS['http']} for http)"
+    )
     group.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="default: grpc")
     group.add_argument("--model", default="ensemble", help="default: ensemble (or tensorrt_llm_bls)")
     group.add_argument("--version", help="pin a model version (default: the server's choice)")
@@ -168,8 +170,9 @@ def run_models(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         (i.name, i.version, i.state, i.reason.splitlines()[0] if i.reason else "") for i in infos
     ]
     widths = [max(len(row[c]) for row in rows) for c in range(3)]
-    for row in rows:
-        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3] + "\n")
+    for name, version, state, reason in rows:
+        cells = [name.ljust(widths[0]), version.ljust(widths[1]), state.ljust(widths[2]), reason]
+        out.write("  ".join(cells).rstrip() + "\n")
     return EXIT_OK
 
 

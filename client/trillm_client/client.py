@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
@@ -10,7 +11,7 @@ from typing import Any, TypeVar
 from tqdm import tqdm
 from tritonclient.utils import InferenceServerException
 
-from trillm_client.completion import Completion, CompletionBuilder, ModelInfo
+from trillm_client.completion import Completion, CompletionBuilder, ModelInfo, StreamProgress
 from trillm_client.errors import (
     InvalidInputError,
     ModelNotFoundError,
@@ -90,7 +91,7 @@ def not_ready_error(model: str, version: str, waited: float, infos: list[ModelIn
     return ModelNotReadyError(f"{label} not ready after {waited:.1f}s ({states})")
 
 
-class TextStream(Iterator[str]):
+class TextStream(StreamProgress, Iterator[str]):
     """The text of a streamed request, delta by delta, as it arrives.
 
     Iterate it for the text deltas (``str``, never empty). Afterwards:
@@ -102,35 +103,20 @@ class TextStream(Iterator[str]):
     """
 
     def __init__(self, call: Iterator[Any], builder: CompletionBuilder, started: float) -> None:
+        super().__init__(builder, started)
         self._call = call
-        self._builder = builder
-        self._started = started
-        self.completion: Completion | None = None
-        self.token_times: list[float] = []
-
-    @property
-    def ttft(self) -> float | None:
-        return self.token_times[0] if self.token_times else None
-
-    @property
-    def itl(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
 
     def __next__(self) -> str:
         while self.completion is None:
             try:
                 response = next(self._call)
             except StopIteration:
-                tail = self._builder.flush()
-                elapsed = time.perf_counter() - self._started
-                self.completion = self._builder.build(latency=elapsed)
+                tail = self._finish()
                 if tail:
-                    self.token_times.append(elapsed)
                     return tail
                 break
-            delta = self._builder.add(response)
-            if delta and response.sequence_index == 0:
-                self.token_times.append(time.perf_counter() - self._started)
+            delta = self._take(response)
+            if delta:
                 return delta
         raise StopIteration
 
@@ -145,7 +131,7 @@ class TextStream(Iterator[str]):
         """Cancels the request if it is still running (no-op after the end)."""
         self._call.close()  # type: ignore[attr-defined]
 
-    def __enter__(self) -> "TextStream":
+    def __enter__(self) -> TextStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -248,7 +234,7 @@ class Client:
         # Bad sampling arguments fail every prompt: say so once, before sending anything.
         build_request("", max_tokens, sampling, stream=False, validate=self.validate)
         return _run_all(
-            [lambda p=p: self.generate(p, max_tokens, **sampling) for p in prompts],
+            [functools.partial(self.generate, prompt, max_tokens, **sampling) for prompt in prompts],
             concurrency,
             progress,
             return_exceptions,
@@ -261,7 +247,8 @@ class Client:
                 import tritonclient.grpc as triton
             else:
                 import tritonclient.http as triton  # type: ignore[no-redef]
-            kwargs = {} if self.protocol == "grpc" else {"connection_timeout": self.timeout or 60.0, "network_timeout": self.timeout or 60.0}
+            seconds = self.timeout or 60.0
+            kwargs = {} if self.protocol == "grpc" else {"connection_timeout": seconds, "network_timeout": seconds}
             self._control_client = triton.InferenceServerClient(self.url, **kwargs)
         return self._control_client
 
@@ -322,7 +309,7 @@ class Client:
             self._control_client.close()
             self._control_client = None
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import codecs
+import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from trillm_client.params import Request
 from trillm_client.wire import Response
@@ -142,3 +144,46 @@ class CompletionBuilder:
             latency=latency,
             sequences=sequences,
         )
+
+
+class StreamProgress:
+    """The bookkeeping TextStream and AsyncTextStream share: deltas, their
+    arrival times and the completion at the end.
+
+    ``token_times``: seconds from sending to the arrival of each response
+    that carried text; ``ttft`` the first of them; ``itl`` the gaps between them.
+    """
+
+    def __init__(self, builder: CompletionBuilder, started: float) -> None:
+        self._builder = builder
+        self._started = started  # time.perf_counter() when the request was sent
+        self.completion: Completion | None = None
+        self.token_times: list[float] = []
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] if self.token_times else None
+
+    @property
+    def itl(self) -> list[float]:
+        return [b - a for a, b in pairwise(self.token_times)]
+
+    def _sent(self) -> None:
+        self._started = time.perf_counter()
+
+    def _take(self, response: Response) -> str:
+        """The text ``response`` adds to the first sequence ("" for none)."""
+        delta = self._builder.add(response)
+        if not delta or response.sequence_index:
+            return ""
+        self.token_times.append(time.perf_counter() - self._started)
+        return delta
+
+    def _finish(self) -> str:
+        """Builds the completion; returns any text the UTF-8 decoder still held."""
+        tail = self._builder.flush()
+        elapsed = time.perf_counter() - self._started
+        if tail:
+            self.token_times.append(elapsed)
+        self.completion = self._builder.build(latency=elapsed)
+        return tail

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import http.client
-import json
 import queue
 import threading
 import uuid
@@ -35,6 +34,8 @@ from trillm_client.wire import (
     SSEParser,
     error_from_http,
     generate_path,
+    http_body,
+    http_headers,
     infer_inputs,
     is_final,
     json_object,
@@ -95,7 +96,7 @@ class GrpcTransport:
                 self._clients.remove(client)
         client.close()
 
-    def open(self, model: str, version: str, request: Request) -> "GrpcCall":
+    def open(self, model: str, version: str, request: Request) -> GrpcCall:
         return GrpcCall(self, model, version, request)
 
     def close(self) -> None:
@@ -182,9 +183,8 @@ class HttpTransport:
         self.host, self.port = split_host_port(url, 8000)
         self.timeout = timeout
 
-    def open(self, model: str, version: str, request: Request, sse: bool) -> "HttpCall":
-        body = json.dumps(request.json_payload(), ensure_ascii=False).encode("utf-8")
-        return HttpCall(self, generate_path(model, version, sse), body, sse)
+    def open(self, model: str, version: str, request: Request, sse: bool) -> HttpCall:
+        return HttpCall(self, generate_path(model, version, sse), http_body(request), sse)
 
     def close(self) -> None:
         """Nothing to release: every call has its own connection."""
@@ -201,12 +201,7 @@ class HttpCall(Iterator[Response]):
         self._pending: list[Response] = []
         self._open = True
         with self._guard():
-            self._conn.request(
-                "POST",
-                path,
-                body=body,
-                headers={"Content-Type": "application/json", "Accept": "text/event-stream" if sse else "application/json"},
-            )
+            self._conn.request("POST", path, body=body, headers=http_headers(sse))
             self._response = self._conn.getresponse()
             if self._response.status != 200:
                 raise error_from_http(self._response.status, self._response.read())
@@ -217,7 +212,7 @@ class HttpCall(Iterator[Response]):
     def __next__(self) -> Response:
         if self._pending:
             return self._pending.pop(0)
-        while self._open:
+        while self._open and self._sse is not None:
             with self._guard():
                 line = self._response.readline()
                 data = self._sse.feed(line) if line else self._sse.end()

@@ -24,6 +24,7 @@ from tritonclient.grpc import InferInput, InferResult, service_pb2
 from tritonclient.utils import np_to_triton_dtype, serialize_byte_tensor
 
 from trillm_client.errors import TrillmError, classify
+from trillm_client.params import Request
 
 FINAL_RESPONSE = "triton_final_response"
 ENABLE_EMPTY_FINAL_RESPONSE = "triton_enable_empty_final_response"
@@ -131,7 +132,9 @@ def infer_inputs(arrays: dict[str, np.ndarray]) -> list[InferInput]:
     return inputs
 
 
-def grpc_request(model: str, version: str, arrays: dict[str, np.ndarray], request_id: str) -> service_pb2.ModelInferRequest:
+def grpc_request(
+    model: str, version: str, arrays: dict[str, np.ndarray], request_id: str
+) -> service_pb2.ModelInferRequest:
     """The ``ModelInferRequest`` the asyncio stream sends (what ``async_stream_infer``
     builds from :func:`infer_inputs`, with the empty final response enabled)."""
     request = service_pb2.ModelInferRequest(model_name=model, model_version=version, id=request_id)
@@ -143,6 +146,15 @@ def grpc_request(model: str, version: str, arrays: dict[str, np.ndarray], reques
             request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
     request.parameters[ENABLE_EMPTY_FINAL_RESPONSE].bool_param = True
     return request
+
+
+def http_body(request: Request) -> bytes:
+    """The UTF-8 JSON body of HTTP ``generate`` / ``generate_stream``."""
+    return json.dumps(request.json_payload(), ensure_ascii=False).encode("utf-8")
+
+
+def http_headers(sse: bool) -> dict[str, str]:
+    return {"Content-Type": "application/json", "Accept": "text/event-stream" if sse else "application/json"}
 
 
 def generate_path(model: str, version: str, stream: bool) -> str:

@@ -71,7 +71,7 @@ class FakeGrpc(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.port = self._server.add_insecure_port("127.0.0.1:0")
         self.url = f"127.0.0.1:{self.port}"
 
-    def start(self) -> "FakeGrpc":
+    def start(self) -> FakeGrpc:
         self._server.start()
         return self
 
@@ -174,7 +174,7 @@ class FakeHttp:
         self.url = f"127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
-    def start(self) -> "FakeHttp":
+    def start(self) -> FakeHttp:
         self._thread.start()
         return self
 

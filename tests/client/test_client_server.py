@@ -14,7 +14,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from trillm_client import AsyncClient, Client, InvalidInputError, ModelNotFoundError, UnavailableError
 
 pytestmark = pytest.mark.server
@@ -40,6 +39,16 @@ def requests_active(server) -> float | None:
         lines = response.read().decode().splitlines()
     values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("trillm_requests_active")]
     return sum(values) if values else None
+
+
+def wait_until_busy(server, timeout: float = 10.0) -> float | None:
+    """Polls the gauge (published every 0.25 s) until a request shows as running."""
+    deadline = time.monotonic() + timeout
+    value = requests_active(server)
+    while value == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = requests_active(server)
+    return value
 
 
 def wait_until_idle(server, timeout: float = 10.0) -> float | None:
@@ -169,10 +178,17 @@ def test_unknown_model(client):
 
 # --- cancellation ------------------------------------------------------------------
 
+LONG = "Tell me a very long story about"
+# min_tokens suppresses end_id, so the request is sure to be running when it is cancelled.
+LONG_REQUEST = {"max_tokens": 400, "min_tokens": 400}
+
+
 def test_closing_a_stream_cancels_it(client, triton_server):
-    stream = client.stream("Tell me a very long story about", 400)
+    wait_until_idle(triton_server, timeout=60)  # not measuring an earlier test's requests
+    stream = client.stream(LONG, **LONG_REQUEST)
     for _ in range(2):
         next(stream)
+    assert wait_until_busy(triton_server) in (1, None)
     stream.close()
     assert stream.completion is None
     assert wait_until_idle(triton_server) in (0, None), "the cancelled request is still running"
@@ -180,23 +196,26 @@ def test_closing_a_stream_cancels_it(client, triton_server):
 
 
 def test_cancelling_an_async_stream_task_cancels_it(triton_server):
+    wait_until_idle(triton_server, timeout=60)
+
     async def main():
         async with AsyncClient(triton_server.grpc_url, timeout=120) as ac:
             first = asyncio.Event()
 
             async def consume():
-                async for _ in ac.stream("Tell me a very long story about", 400):
+                async for _ in ac.stream(LONG, **LONG_REQUEST):
                     first.set()
 
             task = asyncio.create_task(consume())
             await asyncio.wait_for(first.wait(), 120)
+            assert wait_until_busy(triton_server) in (1, None)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+            assert wait_until_idle(triton_server) in (0, None), "the cancelled request is still running"
             return await ac.generate("Short", 4)
 
     assert asyncio.run(main()).num_output_tokens
-    assert wait_until_idle(triton_server) in (0, None)
 
 
 # --- server state ------------------------------------------------------------------

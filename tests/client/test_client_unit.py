@@ -13,9 +13,6 @@ import time
 
 import numpy as np
 import pytest
-from tritonclient.grpc import _utils as grpc_utils
-from tritonclient.utils import deserialize_bytes_tensor
-
 from client_fakes import FakeGrpc, FakeHttp, grpc_response, sse
 from trillm_client import (
     AsyncClient,
@@ -27,8 +24,8 @@ from trillm_client import (
     RequestTimeoutError,
     TrillmError,
     UnavailableError,
+    cli,
 )
-from trillm_client import cli
 from trillm_client.chat import Conversation
 from trillm_client.client import TextStream, _run_all
 from trillm_client.completion import CompletionBuilder
@@ -44,6 +41,8 @@ from trillm_client.wire import (
     infer_inputs,
     response_from_json,
 )
+from tritonclient.grpc import _utils as grpc_utils
+from tritonclient.utils import deserialize_bytes_tensor
 
 pytestmark = pytest.mark.unit
 
@@ -670,7 +669,9 @@ def test_conversation_template():
     chat.add("user", "Hi")
     chat.add("assistant", "Hello.")
     chat.add("user", "2+2?")
-    assert chat.prompt() == "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello.\n<|user|>\n2+2?\n<|assistant|>\n"
+    assert chat.prompt() == (
+        "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello.\n<|user|>\n2+2?\n<|assistant|>\n"
+    )
     with pytest.raises(ValueError):
         chat.add("robot", "x")
 
@@ -735,7 +736,8 @@ def test_cli_generate_text_stream_and_json(fake_http, capsys):
 def test_cli_models_and_health(fake_grpc, capsys):
     assert cli.main(["models", "--url", fake_grpc.url]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["MODEL", "VERSION", "STATE", "REASON"] and lines[1].split() == ["ensemble", "1", "READY"]
+    assert lines[0].split() == ["MODEL", "VERSION", "STATE", "REASON"]
+    assert lines[1].split() == ["ensemble", "1", "READY"]
     assert cli.main(["health", "--url", fake_grpc.url, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model_ready"] is True
     assert cli.main(["health", "--url", fake_grpc.url, "--model", "nope"]) == 3
@@ -747,7 +749,10 @@ def test_cli_chat_keeps_the_conversation(fake_http, monkeypatch, capsys):
     fake_http.script = (200, "text/event-stream", sse({"text_output": " Hello!"}))
     assert cli.main(["chat", "--protocol", "http", "--url", fake_http.url, "--system", "S"]) == 0
     prompts = [body["text_input"] for _, body in fake_http.requests]
-    assert prompts == ["<|system|>\nS\n<|user|>\nHi\n<|assistant|>\n", "<|system|>\nS\n<|user|>\nAgain\n<|assistant|>\n"]
+    assert prompts == [
+        "<|system|>\nS\n<|user|>\nHi\n<|assistant|>\n",
+        "<|system|>\nS\n<|user|>\nAgain\n<|assistant|>\n",
+    ]
     assert fake_http.requests[0][1]["stop_words"] == ["<|system|>", "<|user|>", "<|assistant|>"]
     assert "assistant>  Hello!" in capsys.readouterr().out
 
@@ -764,7 +769,8 @@ def test_cli_chat_second_turn_includes_the_first(fake_http, monkeypatch):
     monkeypatch.setattr("builtins.input", fake_input)
     fake_http.script = (200, "text/event-stream", sse({"text_output": "Yes."}))
     assert cli.main(["chat", "--protocol", "http", "--url", fake_http.url]) == 0
-    assert fake_http.requests[1][1]["text_input"] == "<|user|>\nHi\n<|assistant|>\nYes.\n<|user|>\nMore\n<|assistant|>\n"
+    second = fake_http.requests[1][1]["text_input"]
+    assert second == "<|user|>\nHi\n<|assistant|>\nYes.\n<|user|>\nMore\n<|assistant|>\n"
 
 
 def test_client_is_thread_safe_over_grpc(fake_grpc):

@@ -60,6 +60,7 @@ class TorchEngine:
         self._live: set[str] = set()  # request ids submitted and not yet finished
         self._stopping = False
         self._sequences: dict[str, Sequence] = {}  # loop thread only
+        self._outbox: list[tuple[Sequence, StepOutput]] = []  # delivered after the stats are published
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._snapshot = self._make_snapshot()
@@ -149,7 +150,7 @@ class TorchEngine:
                     log.exception("engine step failed; ending the requests in flight")
                     for seq in list(self._sequences.values()):
                         self._finish(seq, FinishReason.ERROR, f"engine error: {e}")
-                self._publish_stats()
+                self._flush()
             with self._lock:
                 inbox, self._inbox = self._inbox, []
             for seq in inbox:
@@ -157,7 +158,7 @@ class TorchEngine:
                 self.scheduler.add(seq)
             for seq in list(self._sequences.values()):
                 self._finish(seq, FinishReason.CANCELLED)
-            self._publish_stats()
+            self._flush()
 
     def _step(self) -> None:
         chunks = self.scheduler.schedule()
@@ -193,7 +194,7 @@ class TorchEngine:
                 self._finish(seq, FinishReason.LENGTH)
             else:
                 ids, log_probs = seq.take_output()
-                self._deliver(seq, StepOutput(seq.request_id, ids, log_probs))
+                self._outbox.append((seq, StepOutput(seq.request_id, ids, log_probs)))
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
         """End ``seq``: free its blocks and send its final output (with any tokens not yet sent)."""
@@ -203,16 +204,23 @@ class TorchEngine:
         with self._lock:
             self._live.discard(seq.request_id)
         ids, log_probs = seq.take_output()
-        self._deliver(seq, StepOutput(seq.request_id, ids, log_probs, finished=True,
-                                      finish_reason=reason, error=error))
+        self._outbox.append((seq, StepOutput(seq.request_id, ids, log_probs, finished=True,
+                                             finish_reason=reason, error=error)))
 
-    def _deliver(self, seq: Sequence, output: StepOutput) -> None:
-        try:
-            seq.on_output(output)
-        except Exception as e:  # noqa: BLE001 - the host's callback failed; end that request only
-            log.exception("on_output of request %r raised", seq.request_id)
-            if not output.finished:
-                self._finish(seq, FinishReason.ERROR, f"on_output raised {type(e).__name__}: {e}")
+    def _flush(self) -> None:
+        """Publish the stats, then hand out the step's outputs (so a host that sees a
+        request finish also sees its blocks freed)."""
+        self._publish_stats()
+        while self._outbox:
+            outbox, self._outbox = self._outbox, []
+            for seq, output in outbox:
+                try:
+                    seq.on_output(output)
+                except Exception as e:  # noqa: BLE001 - the host's callback failed; end that request only
+                    log.exception("on_output of request %r raised", seq.request_id)
+                    if not output.finished:
+                        self._finish(seq, FinishReason.ERROR, f"on_output raised {type(e).__name__}: {e}")
+            self._publish_stats()
 
     def _make_snapshot(self) -> dict:
         return {

@@ -9,16 +9,18 @@ thread; ``execute`` returns at once.
 from __future__ import annotations
 
 import json
+import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from trillm.triton import io
 from trillm.triton import tensors as T
 from trillm.triton.errors import ConfigError, InputError
 from trillm.triton.params import parse_parameters
+from trillm.triton.stop import send_stop
 
 # BLS input -> preprocessing input
 PRE_INPUTS = {user: pre for pre, user in T.PRE_USER_NAMES.items()}
@@ -93,16 +95,21 @@ class TritonPythonModel:
             )
         self.params = parse_parameters(model_config, BlsParams)
         self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="trillm-bls")
+        self._watched: dict[str, object] = {}  # engine call key -> client's response sender
+        self._lock = threading.Lock()
+        self._closing = threading.Event()
+        threading.Thread(target=self._watch, name="trillm-bls-cancel", daemon=True).start()
 
     def execute(self, requests: list) -> None:
         for request in requests:
             self.pool.submit(self._run, request, request.get_response_sender())
         return None
 
-    def _call(self, model: str, inputs: list, outputs: list[str], decoupled: bool = False):
+    def _call(self, model: str, inputs: list, outputs: list[str], decoupled: bool = False, request_id: str = ""):
         request = pb_utils.InferenceRequest(
             model_name=model,
             model_version=self.params.model_version,
+            request_id=request_id,
             inputs=inputs,
             requested_output_names=outputs,
         )
@@ -121,23 +128,50 @@ class TritonPythonModel:
                 self._call("preprocessing", _tensors(request, PRE_INPUTS), list(PRE_TO_ENGINE)), "preprocessing"
             )
             engine_inputs = _tensors(pre, PRE_TO_ENGINE) + _tensors(request, DIRECT_INPUTS)
-            stream = self._call("tensorrt_llm", engine_inputs, list(ENGINE_TO_POST), decoupled=True)
-            for response in stream:
-                if sender.is_cancelled():
-                    cancel = getattr(stream, "cancel", None)
-                    if cancel is not None:
-                        cancel()
-                    break
-                self._check(response, "tensorrt_llm")
-                if not response.output_tensors():
-                    continue  # the empty final response of a decoupled stream
-                post = self._check(
-                    self._call("postprocessing", _tensors(response, ENGINE_TO_POST), list(POST_TO_USER)),
-                    "postprocessing",
-                )
-                sender.send(pb_utils.InferenceResponse(output_tensors=_tensors(post, POST_TO_USER)))
+            key = f"trillm-bls-{uuid.uuid4().hex}"
+            with self._lock:
+                self._watched[key] = sender
+            try:
+                stream = self._call("tensorrt_llm", engine_inputs, list(ENGINE_TO_POST), decoupled=True, request_id=key)
+                self._relay(stream, sender)
+            finally:
+                with self._lock:
+                    self._watched.pop(key, None)
             sender.send(flags=final)
         except (BlsError, InputError) as exc:
             sender.send(io.error_response(exc), flags=final)
         except Exception as exc:  # a worker must always close its request
             sender.send(io.error_response(RuntimeError(f"tensorrt_llm_bls: {exc!r}")), flags=final)
+
+    def _watch(self) -> None:
+        """Poll the clients' cancellation while the engine streams; on cancel,
+        stop the engine's call (Triton 2.51 cannot cancel a BLS child request)."""
+        while not self._closing.wait(0.02):
+            with self._lock:
+                watched = list(self._watched.items())
+            for key, sender in watched:
+                try:
+                    if sender.is_cancelled():
+                        with self._lock:
+                            self._watched.pop(key, None)
+                        send_stop(key, self.params.model_version)
+                except Exception:  # the call ended meanwhile
+                    pass
+
+    def finalize(self) -> None:
+        self._closing.set()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _relay(self, stream, sender) -> None:
+        """Render each engine response with postprocessing and send it on."""
+        for response in stream:
+            if sender.is_cancelled():
+                continue  # drain: the stop request ends the stream
+            self._check(response, "tensorrt_llm")
+            if not response.output_tensors():
+                continue  # the empty final response of a decoupled stream
+            post = self._check(
+                self._call("postprocessing", _tensors(response, ENGINE_TO_POST), list(POST_TO_USER)),
+                "postprocessing",
+            )
+            sender.send(pb_utils.InferenceResponse(output_tensors=_tensors(post, POST_TO_USER)))

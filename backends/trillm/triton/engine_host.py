@@ -8,8 +8,10 @@ host's responder thread (trillm.host).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import random
 import threading
 from dataclasses import dataclass
 
@@ -110,7 +112,7 @@ def parse_rows(request, default_exclude: bool) -> list[HostRequest]:
     return rows
 
 
-def to_triton(response: HostResponse):
+def to_triton(response: HostResponse, key: int = 0):
     """A HostResponse as the model's output tensors (batch dimension 1)."""
     if response.error is not None:
         return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(response.error))
@@ -128,6 +130,7 @@ def to_triton(response: HostResponse):
         (T.ENG_OUT_NUM_INPUT, one(response.num_input_tokens)),
         (T.ENG_OUT_NUM_OUTPUT, one(response.num_output_tokens)),
         (T.ENG_OUT_FINISH_REASON, np.asarray([[response.finish_reason.encode()]], dtype=object)),
+        (T.ENG_OUT_REQUEST_KEY, one(key, np.uint64)),
     ]
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, v) for n, v in outputs])
 
@@ -148,6 +151,9 @@ class TritonPythonModel:
         engine = create_engine(self.params, version_dir)
         tokenizer = load_tokenizer(self.params.tokenizer_dir or self.params.checkpoint_dir)
         self.host = GenerationHost(engine, tokenizer, self.params.skip_special_tokens, observe=self.metrics.observe)
+        # Keys name calls for stop requests (see postprocessing/bls); random start
+        # so a key from before a restart never matches a new call.
+        self._keys = itertools.count(random.getrandbits(40) << 20)
         self._stop = threading.Event()
         self._stats_thread = threading.Thread(target=self._publish_stats, name="trillm-metrics", daemon=True)
         self._stats_thread.start()
@@ -163,17 +169,29 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
+                if io.row_scalar(io.optional_input(request, T.ENG_STOP), 0, "stop", False):
+                    # A stop request (TensorRT-LLM backend semantics): cancel the call
+                    # whose key or request id is this request's id.
+                    self.host.cancel_key(request.request_id())
+                    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    continue
                 rows = parse_rows(request, self.params.default_exclude_input_in_output)
-                self.host.start(rows, send=lambda r, s=sender: self._send(s, r), is_cancelled=sender.is_cancelled)
+                key = next(self._keys)
+                self.host.start(
+                    rows,
+                    send=lambda r, s=sender, k=key: self._send(s, r, k),
+                    is_cancelled=sender.is_cancelled,
+                    keys=(str(key), request.request_id()),
+                )
             except InputError as exc:
                 sender.send(io.error_response(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
     @staticmethod
-    def _send(sender, response: HostResponse) -> None:
+    def _send(sender, response: HostResponse, key: int) -> None:
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if response.final else 0
         try:
-            sender.send(to_triton(response), flags=flags)
+            sender.send(to_triton(response, key), flags=flags)
         except Exception:
             if response.final:  # the client went away; still close the request
                 try:

@@ -20,6 +20,7 @@ from trillm.triton import io
 from trillm.triton import tensors as T
 from trillm.triton.errors import InputError
 from trillm.triton.params import parse_parameters
+from trillm.triton.stop import StopOnce
 
 
 @dataclass
@@ -32,15 +33,31 @@ class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         self.params = parse_parameters(args["model_config"], PostprocessingParams)
         self.tokenizer = load_tokenizer(self.params.tokenizer_dir)
+        self.stop = StopOnce()
 
     def execute(self, requests: list) -> list:
         responses = []
         for request in requests:
+            if request.is_cancelled():
+                responses.append(self._cancelled(request))
+                continue
             try:
                 responses.append(self._execute_one(request))
             except InputError as exc:
                 responses.append(io.error_response(exc))
         return responses
+
+    def _cancelled(self, request):
+        """The client cancelled: stop the engine's call too (see trillm.triton.stop)."""
+        key = io.optional_input(request, T.POST_REQUEST_KEY)
+        if key is not None:
+            try:
+                self.stop(str(int(np.asarray(key).reshape(-1)[0])))
+            except Exception:  # the call may be gone already; nothing to stop
+                pass
+        code = getattr(pb_utils.TritonError, "CANCELLED", None)
+        error = pb_utils.TritonError("request cancelled", code) if code is not None else pb_utils.TritonError("request cancelled")
+        return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
     def render(self, tokens: np.ndarray, seq_len: np.ndarray, prefix: np.ndarray | None, limit: np.ndarray | None):
         """Text of every (batch row, beam): tokens [B, beams, L], seq_len [B, beams]."""

@@ -79,6 +79,8 @@ ENG_STREAMING = "streaming"
 ENG_EXCLUDE_INPUT = "exclude_input_in_output"
 ENG_STOP_WORDS = "stop_words_list"
 ENG_BAD_WORDS = "bad_words_list"
+# A request with stop=true cancels the running call named by its request id.
+ENG_STOP = "stop"
 
 ENG_OUT_IDS = "output_ids"
 ENG_OUT_SEQ_LEN = "sequence_length"
@@ -94,12 +96,15 @@ ENG_OUT_TEXT_LEN = "text_length"
 ENG_OUT_NUM_INPUT = "num_input_tokens"
 ENG_OUT_NUM_OUTPUT = "num_output_tokens"
 ENG_OUT_FINISH_REASON = "finish_reason"
+# Names the call, so that a model downstream can send a stop request for it.
+ENG_OUT_REQUEST_KEY = "request_key"
 
 # --- postprocessing ------------------------------------------------------
 POST_TOKENS = "TOKENS_BATCH"
 POST_SEQ_LEN = "SEQUENCE_LENGTH"
 POST_PREFIX_LEN = "PREFIX_LENGTH"
 POST_TEXT_LEN = "TEXT_LENGTH"
+POST_REQUEST_KEY = "REQUEST_KEY"
 POST_OUTPUT = "OUTPUT"
 # Pass-through tensors: postprocessing input -> its output. Routing them
 # through postprocessing makes every ensemble response carry all outputs.
