@@ -52,3 +52,4 @@ clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
 include mk/gpu.mk
+include mk/docker.mk

@@ -29,6 +29,8 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         default = getattr(d, name)
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    parser.add_argument("--triton-arg", dest="extra_args", action="append", default=[], metavar="ARG",
+                        help="pass ARG on to tritonserver (repeatable), e.g. --triton-arg=--log-verbose=1")
     parser.add_argument("--echo-prompt", dest="default_exclude_input_in_output", action="store_false",
                         help="return the prompt before the generated text when a request does not say")
 

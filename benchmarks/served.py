@@ -1,0 +1,162 @@
+"""Benchmark (d): the workload served through tritonserver (`ensemble`, gRPC streaming).
+
+N concurrent clients each take requests from one shared queue and stream
+them; per request we record time to first token (first non-empty text),
+the gaps between text pieces (inter-token latency) and the output token
+count the server reports. All traffic goes to a server this process starts
+on free loopback ports, and it is always shut down.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from trillm.launcher import TritonServer, free_port
+from trillm.serve import ServeConfig, prepare
+
+
+@dataclass
+class RequestStats:
+    ttft: float = 0.0
+    itls: list[float] = field(default_factory=list)
+    e2e: float = 0.0
+    output_tokens: int = 0
+    error: str | None = None
+
+
+def _input(name: str, array: np.ndarray, dtype: str) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def stream_one(url: str, prompt: str, max_tokens: int, timeout: float = 600.0) -> RequestStats:
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    stats = RequestStats()
+    client.start_stream(callback=lambda result, error: results.put((time.perf_counter(), result, error)))
+    try:
+        start = time.perf_counter()
+        client.async_stream_infer(
+            "ensemble",
+            [
+                _input("text_input", np.array([[prompt.encode()]], dtype=object), "BYTES"),
+                _input("max_tokens", np.array([[max_tokens]], dtype=np.int32), "INT32"),
+                _input("stream", np.array([[True]], dtype=bool), "BOOL"),
+            ],
+            enable_empty_final_response=True,
+        )
+        last = None
+        while True:
+            at, result, error = results.get(timeout=timeout)
+            if error is not None:
+                stats.error = str(error)
+                return stats
+            response = result.get_response()
+            if any(o.name == "text_output" for o in response.outputs):
+                if result.as_numpy("text_output").reshape(-1)[0]:
+                    if last is None:
+                        stats.ttft = at - start
+                    else:
+                        stats.itls.append(at - last)
+                    last = at
+                stats.output_tokens = int(result.as_numpy("num_output_tokens").reshape(-1)[0])
+            if response.parameters["triton_final_response"].bool_param:
+                stats.e2e = at - start
+                return stats
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def run_load(url: str, workload: list[tuple[str, int]], concurrency: int) -> dict:
+    """Send ``workload`` (prompt, max_tokens) with ``concurrency`` clients; summarise."""
+    todo: queue.Queue = queue.Queue()
+    for item in workload:
+        todo.put(item)
+    done: list[RequestStats] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        while True:
+            try:
+                prompt, max_tokens = todo.get_nowait()
+            except queue.Empty:
+                return
+            stats = stream_one(url, prompt, max_tokens)
+            with lock:
+                done.append(stats)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    ok = [s for s in done if s.error is None]
+    ttft = [s.ttft for s in ok]
+    itl = [x for s in ok for x in s.itls]
+    tokens = sum(s.output_tokens for s in ok)
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
+    return {
+        "concurrency": concurrency,
+        "requests": len(done),
+        "errors": len(done) - len(ok),
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "output_tok_s": tokens / wall,
+        "ttft_p50_s": pct(ttft, 50),
+        "ttft_p99_s": pct(ttft, 99),
+        "itl_p50_s": pct(itl, 50),
+        "itl_p99_s": pct(itl, 99),
+    }
+
+
+def start_server(checkpoint: Path, work_dir: Path, max_model_len: int = 1024) -> TritonServer:
+    config = ServeConfig(
+        checkpoint_dir=checkpoint,
+        work_dir=work_dir,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        metrics_port=free_port(),
+        max_model_len=max_model_len,
+    )
+    options = prepare(config)
+    options.exit_timeout = 5
+    server = TritonServer(options).start()
+    try:
+        server.wait_ready(600)
+    except Exception:
+        server.stop()
+        raise
+    return server
+
+
+def bench_served(
+    checkpoint: Path, workloads: dict[int, list[tuple[str, int]]], work_dir: Path = Path("build/bench-serve")
+) -> list[dict]:
+    """One server; for each concurrency, its workload. Returns one summary per concurrency."""
+    server = start_server(checkpoint, work_dir)
+    try:
+        stream_one(server.grpc_url, "warm up", 4)
+        rows = []
+        for concurrency, workload in workloads.items():
+            row = run_load(server.grpc_url, workload, concurrency)
+            print(
+                f"  served c={concurrency:<3} {row['output_tok_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50_s']:.3f}s "
+                f"p99 {row['ttft_p99_s']:.3f}s  ITL p50 {row['itl_p50_s'] * 1e3:.1f}ms p99 {row['itl_p99_s'] * 1e3:.1f}ms"
+                f"  errors {row['errors']}",
+                flush=True,
+            )
+            rows.append(row)
+        return rows
+    finally:
+        server.stop()

@@ -1,0 +1,24 @@
+#!/bin/sh
+# Container entrypoint: `trillm serve`, configured from the environment
+# (docker-compose.yml, docker/env.example); its arguments are passed on.
+#   TRILLM_HOST        address to bind (default 127.0.0.1: with host networking
+#                      that is the host's loopback; behind `-p 127.0.0.1:...`
+#                      publishing use 0.0.0.0)
+#   TRILLM_CHECKPOINT  checkpoint dir inside the container (default: the demo model)
+#   TRITON_ADMIN_KEY   when set, model control (load/unload) is on, and only
+#                      requests carrying the header `admin-key: <key>` may use it
+#   HTTP_PORT, GRPC_PORT, METRICS_PORT   read by `trillm serve` itself
+set -eu
+
+set -- --host "${TRILLM_HOST:-127.0.0.1}" "$@"
+if [ -n "${TRILLM_CHECKPOINT:-}" ]; then
+    set -- --checkpoint "$TRILLM_CHECKPOINT" "$@"
+fi
+if [ -n "${TRITON_ADMIN_KEY:-}" ]; then
+    set -- "$@" \
+        --triton-arg=--model-control-mode=explicit \
+        '--triton-arg=--load-model=*' \
+        "--triton-arg=--http-restricted-api=model-repository:admin-key=$TRITON_ADMIN_KEY" \
+        "--triton-arg=--grpc-restricted-protocol=model-repository:admin-key=$TRITON_ADMIN_KEY"
+fi
+exec trillm serve "$@"
