@@ -16,6 +16,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_MODEL_LEN = 4096
 KV_CACHE_MEMORY_FRACTION = 0.25  # of MemAvailable after the weights are loaded
 KV_CACHE_MAX_BYTES = 16 << 30
+# Prompt tokens per sequence per step. On 2 cores a 128-token chunk of the
+# demo model runs at ~97% of the throughput of a 256-token one, and stalls
+# the decodes sharing its step half as long (~0.2 s instead of ~0.45 s).
+DEFAULT_PREFILL_CHUNK = 128
 
 
 @dataclass
@@ -126,7 +130,7 @@ def resolve_limits(config: EngineConfig, max_position_embeddings: int, kv_bytes_
         max_num_batched_tokens = config.max_num_batched_tokens
         prefill_chunk = max(min(block_size, max_num_batched_tokens), max_num_batched_tokens - max_num_seqs)
     else:
-        prefill_chunk = 256
+        prefill_chunk = DEFAULT_PREFILL_CHUNK
         max_num_batched_tokens = prefill_chunk + max_num_seqs
     return EngineLimits(
         max_num_seqs=max_num_seqs,

@@ -1,8 +1,9 @@
 """The Llama forward pass over a flat batch of tokens, with the paged KV cache.
 
 Weights are kept fused where one matmul can replace several (q/k/v, and
-gate/up), so that a step runs few, large matmuls. Every op works on rows
-independently except attention, which is per sequence (``attention.py``).
+gate/up), so that a step runs few, large matmuls (``linear.py``). Every op
+works on rows independently, with results that do not depend on the other
+rows, except attention, which is per sequence (``attention.py``).
 """
 
 from __future__ import annotations
@@ -15,21 +16,18 @@ import torch.nn.functional as F
 from trillm.engine.attention import AttentionMetadata, paged_attention
 from trillm.engine.checkpoint import LlamaSpec
 from trillm.engine.kv_cache import KVCache
+from trillm.engine.linear import Linear
 from trillm.engine.rope import apply_rope, cos_sin_tables
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [q + 2 * kv, hidden]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    o_bias: torch.Tensor | None
+    qkv: Linear  # hidden -> q + 2 * kv
+    o: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor
-    down_bias: torch.Tensor | None
+    gate_up: Linear  # hidden -> 2 * intermediate
+    down: Linear
 
 
 class LlamaModel:
@@ -49,37 +47,33 @@ class LlamaModel:
             shapes = {"q_proj": (q_out, h), "k_proj": (kv_out, h), "v_proj": (kv_out, h), "o_proj": (h, q_out)}
             qkv = [take(f"{attn}{n}.weight", shapes[n]) for n in ("q_proj", "k_proj", "v_proj")]
             gate_up = [take(f"{mlp}{n}.weight", (inter, h)) for n in ("gate_proj", "up_proj")]
-            bias = spec.attention_bias
+            attn_bias, mlp_bias = spec.attention_bias, spec.mlp_bias
             self.layers.append(LayerWeights(
                 input_norm=take(p + "input_layernorm.weight", (h,)),
-                qkv=torch.cat(qkv),
-                qkv_bias=torch.cat([take(f"{attn}{n}.bias", (shapes[n][0],)) for n in ("q_proj", "k_proj", "v_proj")])
-                if bias else None,
-                o=take(attn + "o_proj.weight", (h, q_out)),
-                o_bias=take(attn + "o_proj.bias", (h,)) if bias else None,
+                qkv=Linear(torch.cat(qkv), torch.cat([take(f"{attn}{n}.bias", (shapes[n][0],))
+                                                      for n in ("q_proj", "k_proj", "v_proj")]) if attn_bias else None),
+                o=Linear(take(attn + "o_proj.weight", (h, q_out)),
+                         take(attn + "o_proj.bias", (h,)) if attn_bias else None),
                 post_norm=take(p + "post_attention_layernorm.weight", (h,)),
-                gate_up=torch.cat(gate_up),
-                gate_up_bias=torch.cat([take(f"{mlp}{n}.bias", (inter,)) for n in ("gate_proj", "up_proj")])
-                if spec.mlp_bias else None,
-                down=take(mlp + "down_proj.weight", (h, inter)),
-                down_bias=take(mlp + "down_proj.bias", (h,)) if spec.mlp_bias else None,
+                gate_up=Linear(torch.cat(gate_up), torch.cat([take(f"{mlp}{n}.bias", (inter,))
+                                                              for n in ("gate_proj", "up_proj")]) if mlp_bias else None),
+                down=Linear(take(mlp + "down_proj.weight", (h, inter)),
+                            take(mlp + "down_proj.bias", (h,)) if mlp_bias else None),
             ))
             del qkv, gate_up
         self.norm = take("model.norm.weight", (h,))
         if spec.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)  # some checkpoints store the tied copy too
-            self.lm_head = self.embed
+            self.lm_head = Linear(self.embed)
         else:
-            self.lm_head = take("lm_head.weight", (spec.vocab_size, h))
-        self.cos, self.sin = cos_sin_tables(spec, max_positions, dtype)
-
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes read from memory by one forward step (every weight once)."""
-        tensors = [self.embed, self.norm] + ([] if self.lm_head is self.embed else [self.lm_head])
-        for layer in self.layers:
-            tensors += [t for t in vars(layer).values() if t is not None]
-        return sum(t.numel() * t.element_size() for t in tensors)
+            self.lm_head = Linear(take("lm_head.weight", (spec.vocab_size, h)))
+        self.cos, self.sin_signed = cos_sin_tables(spec, max_positions, dtype)
+        linears = [self.lm_head] + [m for w in self.layers for m in (w.qkv, w.o, w.gate_up, w.down)]
+        # Matmul row counts must be a multiple of this for rows not to change with the batch.
+        self.row_multiple = max(m.row_multiple for m in linears)
+        norms = [self.norm] + [n for w in self.layers for n in (w.input_norm, w.post_norm)]
+        # Bytes every decode step reads: all matrices (the embedding table only by row).
+        self.weight_bytes = sum(m.nbytes for m in linears) + sum(n.numel() * n.element_size() for n in norms)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
@@ -91,27 +85,35 @@ class LlamaModel:
         inter = spec.intermediate_size
         eps = spec.rms_norm_eps
         cos = self.cos.index_select(0, positions).unsqueeze(1)
-        sin = self.sin.index_select(0, positions).unsqueeze(1)
-        attn_out = torch.zeros(rows, q_size, dtype=self.dtype)
+        sin = self.sin_signed.index_select(0, positions).unsqueeze(1)
         hidden = F.embedding(input_ids, self.embed)
         for i, w in enumerate(self.layers):
-            x = F.rms_norm(hidden, (spec.hidden_size,), w.input_norm, eps)
-            qkv = F.linear(x, w.qkv, w.qkv_bias)
-            q = apply_rope(qkv[:, :q_size].view(rows, heads, d), cos, sin)
-            k = apply_rope(qkv[:, q_size:q_size + kv_size].view(rows, kv_heads, d), cos, sin)
+            x = rms_norm(hidden, w.input_norm, eps)
+            qkv = w.qkv(x)
+            qk = apply_rope(qkv[:, :q_size + kv_size].view(rows, heads + kv_heads, d), cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
             v = qkv[:, q_size + kv_size:].view(rows, kv_heads, d)
-            paged_attention(q, k, v, kv_cache.k[i], kv_cache.v[i], meta, attn_out)
-            hidden = hidden + F.linear(attn_out, w.o, w.o_bias)
-            x = F.rms_norm(hidden, (spec.hidden_size,), w.post_norm, eps)
-            gate_up = F.linear(x, w.gate_up, w.gate_up_bias)
-            act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-            hidden = hidden + F.linear(act, w.down, w.down_bias)
+            attn = paged_attention(i, q, k, v, kv_cache.k[i], kv_cache.v[i], meta)
+            hidden = hidden + w.o(attn)
+            x = rms_norm(hidden, w.post_norm, eps)
+            gate_up = w.gate_up(x)
+            hidden = hidden + w.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [rows, vocab] for hidden states [rows, hidden]."""
-        x = F.rms_norm(hidden, (self.spec.hidden_size,), self.norm, self.spec.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
+        return self.lm_head(rms_norm(hidden, self.norm, self.spec.rms_norm_eps)).float()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama's RMSNorm, bit for bit as transformers computes it (in float32).
+
+    ``sum / n`` is what ``mean`` computes, minus its per-call dtype handling,
+    which costs more than the arithmetic at decode sizes.
+    """
+    xf = x if x.dtype == torch.float32 else x.float()
+    normed = xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True).div_(x.shape[-1]).add_(eps))
+    return normed * weight if x.dtype == torch.float32 else weight * normed.to(x.dtype)
 
 
 class _Taker:

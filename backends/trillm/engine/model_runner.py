@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from trillm.engine.attention import AttentionMetadata, SequenceAttention
+from trillm.engine.attention import SEGMENTED_DECODE, AttentionMetadata, SequenceAttention
 from trillm.engine.kv_cache import KVCache
 from trillm.engine.llama import LlamaModel
 from trillm.engine.scheduler import ScheduledChunk
 
-# Matmuls are given a multiple of this many rows (padding rows are dropped).
-# Measured with torch's CPU BLAS (MKL): an output row's bits then do not
-# depend on how many rows share the matmul, whereas 1-3 rows (and, with two
-# threads, other counts below 12) take kernels that round differently. This
-# is what keeps a request's output the same alone and in any batch.
-ROW_MULTIPLE = 4
 
-
-def _pad(n: int) -> int:
-    return -(-n // ROW_MULTIPLE) * ROW_MULTIPLE
+def consecutive_runs(blocks: list[int]) -> list[tuple[int, int]]:
+    """``blocks`` as (first block, count) runs of consecutive block ids."""
+    if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+        return [(blocks[0], len(blocks))]
+    runs = [(blocks[0], 1)]
+    for block in blocks[1:]:
+        first, count = runs[-1]
+        if block == first + count:
+            runs[-1] = (first, count + 1)
+        else:
+            runs.append((block, 1))
+    return runs
 
 
 class ModelRunner:
@@ -26,6 +29,11 @@ class ModelRunner:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
+        # Rows are padded to this multiple so that no row's result depends on the row count (linear.py).
+        self.row_multiple = model.row_multiple
+
+    def _pad(self, n: int) -> int:
+        return -(-n // self.row_multiple) * self.row_multiple
 
     def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """(input ids, positions, attention metadata, rows whose logits are sampled), rows padded."""
@@ -43,24 +51,40 @@ class ModelRunner:
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             fresh = start == 0
-            first_slot = block_ids = mask = None
-            if not fresh:
-                blocks = table[:-(-end // bs)]
-                if blocks[-1] - blocks[0] == len(blocks) - 1 and blocks == list(range(blocks[0], blocks[-1] + 1)):
-                    first_slot = blocks[0] * bs
-                else:
-                    block_ids = torch.tensor(blocks)
-                if chunk.num_tokens > 1:
-                    mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
-            sequences.append(SequenceAttention(row, len(ids), end, first_slot, block_ids, fresh, mask))
+            segments = block_ids = mask = None
+            blocks = table[:-(-end // bs)]
+            runs = consecutive_runs(blocks)
+            if len(runs) == 1 or (chunk.num_tokens == 1 and SEGMENTED_DECODE):
+                segments = self._segments(runs, end)
+            elif not fresh:
+                block_ids = torch.tensor(blocks)
+            if not fresh and chunk.num_tokens > 1:
+                mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+            sequences.append(SequenceAttention(row, len(ids), end, segments, block_ids, fresh, mask))
             if chunk.samples:
                 sample_rows.append(len(ids) - 1)
-        padding = _pad(len(ids)) - len(ids)
+        padding = self._pad(len(ids)) - len(ids)
         ids.extend([0] * padding)
         positions.extend([0] * padding)
         slots.extend([self.kv_cache.null_slot] * padding)
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots), sequences=sequences)
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots), sequences=sequences, num_padding_rows=padding)
         return torch.tensor(ids), torch.tensor(positions), meta, sample_rows
+
+    def _segments(self, runs: list[tuple[int, int]], num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """K/V views [layers, kv_heads, tokens, d] of each run, together covering ``num_tokens`` slots."""
+        segments = []
+        for first, count in runs:
+            tokens = min(count * self.block_size, num_tokens)
+            segments.append((self._view(self.kv_cache.k, first, tokens), self._view(self.kv_cache.v, first, tokens)))
+            num_tokens -= tokens
+        return segments
+
+    def _view(self, cache: torch.Tensor, first_block: int, num_tokens: int) -> torch.Tensor:
+        """[layers, kv_heads, num_tokens, d] view of ``num_tokens`` slots from ``first_block`` on."""
+        layers, _, bs, kv_heads, head_dim = cache.shape
+        blocks = -(-num_tokens // bs)
+        run = cache[:, first_block:first_block + blocks].view(layers, blocks * bs, kv_heads, head_dim)
+        return run[:, :num_tokens].transpose(1, 2)
 
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """float32 logits [chunks that sample, vocab], in the order of ``chunks``."""
@@ -68,5 +92,5 @@ class ModelRunner:
         hidden = self.model.forward(input_ids, positions, meta, self.kv_cache)
         if not sample_rows:
             return torch.empty(0, self.model.spec.vocab_size)
-        rows = sample_rows + [sample_rows[-1]] * (_pad(len(sample_rows)) - len(sample_rows))
+        rows = sample_rows + [sample_rows[-1]] * (self._pad(len(sample_rows)) - len(sample_rows))
         return self.model.logits(hidden.index_select(0, torch.tensor(rows)))[:len(sample_rows)]

@@ -35,21 +35,24 @@ def inverse_frequencies(spec: LlamaSpec) -> torch.Tensor:
 
 
 def cos_sin_tables(spec: LlamaSpec, max_positions: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for positions [0, max_positions), each [max_positions, head_dim]."""
+    """cos and *signed* sin for positions [0, max_positions), each [max_positions, head_dim].
+
+    The first half of the sin table is negated, so that rotating is
+    ``x * cos + swap_halves(x) * sin_signed`` (see :func:`apply_rope`).
+    """
     inv_freq = inverse_frequencies(spec)
     freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    sin = emb.sin().to(dtype)
+    sin[:, : spec.head_dim // 2].neg_()
+    return emb.cos().to(dtype), sin
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [tokens, heads, head_dim] by per-token ``cos``/``sin`` [tokens, 1, head_dim].
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [tokens, heads, head_dim] by per-token ``cos``/``sin_signed`` [tokens, 1, head_dim].
 
-    Equal, bit for bit, to ``x * cos + rotate_half(x) * sin``.
+    Equal, bit for bit, to transformers' ``x * cos + rotate_half(x) * sin``:
+    ``rotate_half(x) * sin`` is ``[-x2 * s1, x1 * s2]``, and ``x2 * -s1`` is the
+    same float as ``-x2 * s1``.
     """
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    out = x * cos
-    out[..., :half] -= x2 * sin[..., :half]
-    out[..., half:] += x1 * sin[..., half:]
-    return out
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed

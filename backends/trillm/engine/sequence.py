@@ -47,7 +47,7 @@ class Sequence:
                 generator.seed()
             else:
                 generator.manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
-        prompt = list(request.prompt_ids)
+        prompt = [int(t) for t in request.prompt_ids]
         return cls(request=request, on_output=on_output, generator=generator,
                    token_ids=prompt, num_prompt_tokens=len(prompt))
 

@@ -12,6 +12,7 @@ requests of that step, and the loop carries on.
 from __future__ import annotations
 
 import logging
+import operator
 import threading
 from typing import Callable
 
@@ -29,6 +30,18 @@ from trillm.engine.sequence import Sequence
 from trillm.engine.types import FinishReason, GenerationRequest, StepOutput
 
 log = logging.getLogger("trillm.engine")
+
+
+def _is_token(value, vocab_size: int) -> bool:
+    """An integer id (Python or numpy, not bool) in [0, vocab_size)."""
+    if type(value) is not int:
+        if isinstance(value, bool):
+            return False
+        try:
+            value = operator.index(value)
+        except TypeError:
+            return False
+    return 0 <= value < vocab_size
 
 
 class TorchEngine:
@@ -108,10 +121,9 @@ class TorchEngine:
     def _validate(self, request: GenerationRequest) -> None:
         prompt = request.prompt_ids
         max_tokens = request.params.max_tokens
-        if not prompt:
+        if prompt is None or len(prompt) == 0:
             raise ValueError("prompt_ids: must not be empty")
-        bad = next((i for i, t in enumerate(prompt)
-                    if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size), None)
+        bad = next((i for i, t in enumerate(prompt) if not _is_token(t, self.vocab_size)), None)
         if bad is not None:
             raise ValueError(
                 f"prompt_ids: token {prompt[bad]!r} at index {bad} is outside the vocabulary [0, {self.vocab_size})"

@@ -1,0 +1,42 @@
+"""Greedy output and log-probs of our engine against transformers' generate()."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine_helpers import greedy, hf_greedy, load_hf, make_engine, prompts, requests, run
+
+pytestmark = pytest.mark.engine
+
+LOG_PROB_ATOL = 1e-4
+
+
+def _compare(checkpoint, lengths, max_tokens, vocab_size, seed=1, **engine_overrides):
+    prompt_list = prompts(seed, lengths, vocab_size)
+    engine = make_engine(checkpoint, **engine_overrides)
+    try:
+        results = run(engine, requests(prompt_list, greedy(max_tokens)))
+    finally:
+        engine.shutdown()
+    model = load_hf(checkpoint)
+    for i, prompt in enumerate(prompt_list):
+        ref_tokens, ref_log_probs = hf_greedy(model, prompt, max_tokens)
+        got = results[f"r{i}"]
+        assert got.reason.value == "length"
+        assert got.tokens == ref_tokens, f"prompt {i} ({len(prompt)} tokens)"
+        assert got.log_probs == pytest.approx(ref_log_probs, abs=LOG_PROB_ATOL)
+
+
+def test_demo_model_matches_transformers(demo_checkpoint):
+    # The 300-token prompt is prefilled in chunks of 128, 128 and 44 tokens.
+    _compare(demo_checkpoint, [1, 9, 64, 300], 24, 8192, max_model_len=1024)
+
+
+def test_random_llama_matches_transformers(random_llama):
+    """Tied embeddings, MHA, head_dim 32 with hidden 96, llama3 rope scaling, biases."""
+    _compare(random_llama, [1, 5, 40, 130], 40, 512, max_model_len=512)
+
+
+def test_sharded_bf16_gqa_llama_matches_transformers(sharded_bf16_llama):
+    """bfloat16 shards (model.safetensors.index.json) converted to float32; GQA; linear rope scaling."""
+    _compare(sharded_bf16_llama, [3, 50], 30, 384, max_model_len=256)
