@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from benchmarks.bench_engine import latency_row
 from trillm.launcher import TritonServer, free_port
 from trillm.serve import ServeConfig, prepare
 
@@ -102,22 +103,8 @@ def run_load(url: str, workload: list[tuple[str, int]], concurrency: int) -> dic
         t.join()
     wall = time.perf_counter() - start
     ok = [s for s in done if s.error is None]
-    ttft = [s.ttft for s in ok]
-    itl = [x for s in ok for x in s.itls]
-    tokens = sum(s.output_tokens for s in ok)
-    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
-    return {
-        "concurrency": concurrency,
-        "requests": len(done),
-        "errors": len(done) - len(ok),
-        "output_tokens": tokens,
-        "wall_s": wall,
-        "output_tok_s": tokens / wall,
-        "ttft_p50_s": pct(ttft, 50),
-        "ttft_p99_s": pct(ttft, 99),
-        "itl_p50_s": pct(itl, 50),
-        "itl_p99_s": pct(itl, 99),
-    }
+    return latency_row(concurrency, len(done), len(done) - len(ok), sum(s.output_tokens for s in ok), wall,
+                       ttft=[s.ttft for s in ok], itl=[x for s in ok for x in s.itls])
 
 
 def start_server(checkpoint: Path, work_dir: Path, max_model_len: int = 1024) -> TritonServer:
@@ -128,6 +115,7 @@ def start_server(checkpoint: Path, work_dir: Path, max_model_len: int = 1024) ->
         grpc_port=free_port(),
         metrics_port=free_port(),
         max_model_len=max_model_len,
+        enable_prefix_caching=False,  # the configurations replay the same prompts (see bench_engine)
     )
     options = prepare(config)
     options.exit_timeout = 5
