@@ -14,7 +14,7 @@ import math
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 from trillm.detokenizer import TextStream, decode_delta
@@ -191,6 +191,20 @@ class GenerationHost:
         self._watcher = threading.Thread(target=self._watch_cancellation, name="trillm-cancel", daemon=True)
         self._watcher.start()
 
+    def _sampling(self, seq) -> SamplingParams:
+        """The row's parameters; an end_id that is one of the model's EOS ids stands for all of them.
+
+        Chat models end a turn with a different token than a document
+        (Llama 3 instruct: ``<|eot_id|>`` and ``<|end_of_text|>``), and the
+        end_id a client sends (preprocessing's default is the first) names
+        only one.
+        """
+        params = seq.row.sampling(seq.sequence_index)
+        eos_ids = tuple(getattr(self.tokenizer, "eos_ids", ()))
+        if params.end_id is not None and params.end_id in eos_ids:
+            params = replace(params, extra_end_ids=tuple(e for e in eos_ids if e != params.end_id))
+        return params
+
     def observe(self, kind: str, value: object) -> None:
         """Report to the metrics observer; a metrics failure never fails a request."""
         if self._observer is not None:
@@ -237,7 +251,7 @@ class GenerationHost:
         try:
             for seq in call.sequences:
                 self.engine.submit(
-                    GenerationRequest(seq.request_id, seq.row.input_ids, seq.row.sampling(seq.sequence_index)),
+                    GenerationRequest(seq.request_id, seq.row.input_ids, self._sampling(seq)),
                     lambda out, seq=seq: self._queue.put((seq, out)),
                 )
                 submitted.append(seq)

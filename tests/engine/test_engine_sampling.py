@@ -53,6 +53,11 @@ def test_min_tokens_masks_end_id_until_reached():
     assert banned_tokens(_seq([1], [], min_tokens=3)) == []  # no end_id: nothing to mask
 
 
+def test_min_tokens_masks_every_end_id():
+    assert sorted(banned_tokens(_seq([1], [4], end_id=9, extra_end_ids=(11, 12), min_tokens=3))) == [9, 11, 12]
+    assert banned_tokens(_seq([1], [4, 4, 4], end_id=9, extra_end_ids=(11,), min_tokens=3)) == []
+
+
 def test_bad_token_sequences_ban_their_last_token_after_the_prefix():
     bad = [[7], [3, 4], [1, 2, 5]]
     assert sorted(banned_tokens(_seq([0], [9, 3], bad_token_seqs=bad))) == [4, 7]
@@ -126,6 +131,17 @@ def test_end_id_stops_without_returning_it(demo_engine, prompt_set, greedy_refer
     assert result.reason.value == "end"
     assert result.tokens == expected[:first]
     assert len(result.log_probs) == first
+
+
+def test_an_extra_end_id_stops_like_end_id(demo_engine, prompt_set, greedy_reference):
+    expected = greedy_reference["g0"].tokens
+    stop = expected[4]
+    first = expected.index(stop)
+    never = next(t for t in range(3, 100) if t not in expected)
+    params = greedy(16, end_id=never, extra_end_ids=(stop,))
+    result = run(demo_engine, requests(prompt_set[:1], params, prefix="x"))["x0"]
+    assert result.reason.value == "end"
+    assert result.tokens == expected[:first]
 
 
 def test_min_tokens_suppresses_end_id(demo_engine, prompt_set, greedy_reference):

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from trillm.engine.types import GenerationRequest, SamplingParams
 from trillm.host import GenerationHost, HostRequest, HostResponse
 from trillm.tokenizer import load_tokenizer
 from trillm.triton.errors import InputError
@@ -94,6 +95,29 @@ def test_end_id_stops_before_that_token(host, tok):
     got = run(host, tok, "Count to ten", max_tokens=24, end_id=end_id)
     assert got.responses[-1].finish_reason == "end"
     assert got.responses[-1].num_output_tokens < 24
+
+
+def test_any_eos_id_of_the_model_ends_generation(host, demo_model_dir, tok):
+    """A model with two EOS ids (Llama 3 instruct: <|end_of_text|>, <|eot_id|>): an end_id that
+    is one of them stops on either; an end_id that is not an EOS id stops on itself alone."""
+    from trillm.engine import EngineConfig, TorchEngine
+
+    generated, done = [], threading.Event()
+    host.engine.submit(GenerationRequest("eos-probe", tok.encode("Count to ten"), SamplingParams(max_tokens=24)),
+                       lambda out: (generated.extend(out.token_ids), out.finished and done.set()))
+    assert done.wait(120)
+    two_eos = load_tokenizer(demo_model_dir)
+    two_eos.eos_ids = (two_eos.eos_id, generated[3])
+    other = GenerationHost(TorchEngine(EngineConfig(checkpoint_dir=str(demo_model_dir), max_model_len=512)), two_eos)
+    try:
+        got = run(other, two_eos, "Count to ten", max_tokens=24, end_id=two_eos.eos_id)
+        assert got.responses[-1].finish_reason == "end"
+        assert got.responses[-1].num_output_tokens < 24
+        unused = next(t for t in range(3, two_eos.vocab_size) if t not in generated and t not in two_eos.eos_ids)
+        alone = run(other, two_eos, "Count to ten", max_tokens=24, end_id=unused)
+        assert alone.responses[-1].finish_reason == "length"
+    finally:
+        other.shutdown()
 
 
 def test_num_return_sequences_get_their_own_index(host, tok):

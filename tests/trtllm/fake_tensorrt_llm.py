@@ -185,11 +185,12 @@ class RequestOutput:
             return self
         params = self.sampling_params
         end_id = None if params.ignore_eos else params.end_id
+        stop_ids = set(params.stop_token_ids or ())
         for _ in range(behaviour.tokens_per_step):
             token = (self._last + 1) % self.llm.vocab_size
             self._last = token
-            if token == end_id:
-                if behaviour.include_end_id:
+            if token == end_id or token in stop_ids:
+                if behaviour.include_end_id or (token in stop_ids and params.include_stop_str_in_output):
                     self._append(token)
                 self.finished, out.finish_reason = True, "stop"
                 break

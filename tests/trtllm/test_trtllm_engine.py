@@ -147,6 +147,12 @@ def test_end_id_finishes_with_end_and_is_not_returned(fake_trtllm, engine, inclu
     assert_one_final(c)
 
 
+def test_an_extra_end_id_finishes_like_end_id(fake_trtllm, engine):
+    c = run(engine, prompt=[10], max_tokens=50, end_id=40, extra_end_ids=(14,))
+    assert c.outputs[-1].finish_reason is FinishReason.END
+    assert c.tokens == [11, 12, 13]
+
+
 def test_without_end_id_generation_runs_to_max_tokens(fake_trtllm, engine):
     c = run(engine, prompt=[10], max_tokens=8, end_id=None)
     assert c.tokens == list(range(11, 19))

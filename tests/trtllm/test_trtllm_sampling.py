@@ -67,6 +67,11 @@ def test_no_end_id_never_stops_on_a_token():
     assert p.end_id is not None  # the LLM API needs one when it has no tokenizer
 
 
+def test_extra_end_ids_become_stop_token_ids():
+    assert trt(SamplingParams(max_tokens=5, end_id=2, extra_end_ids=(7, 9))).stop_token_ids == [7, 9]
+    assert trt(SamplingParams(max_tokens=5, end_id=2)).stop_token_ids is None
+
+
 def test_an_explicit_seed_of_zero_is_kept():
     assert trt(SamplingParams(max_tokens=5, temperature=1.0, seed=0)).seed == 0
 
@@ -84,6 +89,7 @@ CHANGED = {
     "min_tokens": 2,
     "seed": 11,
     "end_id": 3,
+    "extra_end_ids": (7,),
     "bad_token_seqs": [[4, 5]],
     "return_log_probs": True,
 }

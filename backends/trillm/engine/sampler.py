@@ -29,16 +29,16 @@ def _needs_processing(seq: Sequence) -> bool:
         or p.presence_penalty != 0.0
         or p.frequency_penalty != 0.0
         or bool(p.bad_token_seqs)
-        or (p.end_id is not None and seq.num_output_tokens < p.min_tokens)
+        or (bool(p.end_ids) and seq.num_output_tokens < p.min_tokens)
     )
 
 
 def banned_tokens(seq: Sequence) -> list[int]:
-    """Tokens that must not come next: bad sequences' last tokens, and end_id before min_tokens."""
+    """Tokens that must not come next: bad sequences' last tokens, and end ids before min_tokens."""
     p = seq.params
     banned = []
-    if p.end_id is not None and seq.num_output_tokens < p.min_tokens:
-        banned.append(p.end_id)
+    if seq.num_output_tokens < p.min_tokens:
+        banned.extend(p.end_ids)
     output = seq.output_ids
     for bad in p.bad_token_seqs:
         if not bad:

@@ -197,7 +197,7 @@ class TorchEngine:
                 continue
             token, log_prob = result
             params = seq.params
-            if params.end_id is not None and token == params.end_id:
+            if token in params.end_ids:
                 self._finish(seq, FinishReason.END)
                 continue
             seq.append_token(token, log_prob if params.return_log_probs else None)

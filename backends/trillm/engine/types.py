@@ -34,10 +34,18 @@ class SamplingParams:
     min_tokens: int = 0  # end_id is masked before this many generated tokens
     seed: int | None = None  # same seed + same input = same output
     end_id: int | None = None  # None = never stop on a token
+    # More tokens that end generation like end_id (a model's other EOS ids, e.g. Llama 3
+    # instruct's <|eot_id|> beside <|end_of_text|>); never returned, masked before min_tokens.
+    extra_end_ids: tuple[int, ...] = ()
     # Token sequences that must never be produced: the last token of a
     # sequence is banned when the output so far ends with the rest of it.
     bad_token_seqs: list[list[int]] = field(default_factory=list)
     return_log_probs: bool = False
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """Every token that ends generation."""
+        return ((self.end_id,) if self.end_id is not None else ()) + self.extra_end_ids
 
     @property
     def greedy(self) -> bool:

@@ -130,8 +130,8 @@ class TrtLlmEngine:
                 stream.sent = len(tokens)
                 if output.finished:
                     reason, error = finish_reason(completion.finish_reason)
-                    end_id = stream.request.params.end_id
-                    if reason is FinishReason.END and new and new[-1] == end_id:
+                    end_ids = stream.request.params.end_ids
+                    if reason is FinishReason.END and new and new[-1] in end_ids:
                         new, log_probs = new[:-1], None if log_probs is None else log_probs[:-1]
                     self._finish(stream, new, log_probs, reason, error)
                     return

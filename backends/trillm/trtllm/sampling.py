@@ -11,6 +11,7 @@
 | min_tokens 0 / m | unset / min_tokens=m | |
 | seed None / s | seed=<fresh random> / seed=s | TensorRT-LLM's default seed is the same (0) for every request |
 | end_id None / e | ignore_eos=True / end_id=e (pad_id=e) | |
+| extra_end_ids (a model's other EOS ids) | stop_token_ids | the engine drops a final stop token, included or not |
 | bad_token_seqs | bad_token_ids (one-token sequences) + token-id bad words | |
 | max_tokens | max_tokens | |
 | return_log_probs | logprobs=1 | the chosen token's log-prob is always among them |
@@ -59,6 +60,8 @@ def sampling_kwargs(params: SamplingParams, fallback_seed: int) -> dict[str, Any
         kwargs.update(end_id=_NO_END_ID, pad_id=_NO_END_ID, ignore_eos=True)
     else:
         kwargs.update(end_id=params.end_id, pad_id=params.end_id)
+    if params.extra_end_ids:
+        kwargs["stop_token_ids"] = list(params.extra_end_ids)
     single = [seq[0] for seq in params.bad_token_seqs if len(seq) == 1]
     if single:
         kwargs["bad_token_ids"] = single
