@@ -47,9 +47,11 @@ class BenchConfig:
     seed: int = 0
     prompt_tokens: tuple[int, int] = (32, 512)  # inclusive range of prompt lengths
     output_tokens: tuple[int, int] = (64, 256)  # inclusive range of max_tokens
-    engine_requests: int = 32  # per engine concurrency (>= 2)
+    # Requests per engine concurrency: at least twice the clients, so that after the first wave
+    # (all clients at once) requests arrive one by one into a running batch: the steady state.
+    engine_requests: int = 64
     engine_concurrencies: tuple[int, ...] = (8, 32)
-    batch1_requests: int = 3  # engine at concurrency 1
+    batch1_requests: int = 4  # lone requests (concurrency 1); served c=1 fits TTFT against prompt length on them
     hf_sequential_requests: int = 3
     hf_batch_size: int = 8
     hf_batch_requests: int = 8
@@ -73,6 +75,7 @@ class RequestTimes:
 
     issued: float
     token_times: list[float] = field(default_factory=list)
+    first_wave: bool = False  # issued at t=0 with every other client: a burst, not the steady state
 
     @property
     def ttft(self) -> float:
@@ -98,12 +101,17 @@ def make_workload(n: int, config: BenchConfig, vocab_size: int) -> list[WorkItem
 def summarise(name: str, concurrency: int, requests: list[RequestTimes], wall: float, errors: int = 0) -> dict:
     return {"name": name, **latency_row(
         concurrency, len(requests), errors, sum(len(r.token_times) for r in requests), wall,
-        ttft=[r.ttft for r in requests if r.token_times], itl=[x for r in requests for x in r.itls])}
+        ttft=[r.ttft for r in requests if r.token_times], itl=[x for r in requests for x in r.itls],
+        steady_ttft=[r.ttft for r in requests if r.token_times and not r.first_wave])}
 
 
 def latency_row(concurrency: int, requests: int, errors: int, tokens: int, wall: float, ttft: list[float],
-                itl: list[float]) -> dict:
-    """The figures every configuration reports (in-process and served alike)."""
+                itl: list[float], steady_ttft: list[float]) -> dict:
+    """The figures every configuration reports (in-process and served alike).
+
+    ``steady_ttft``: TTFT of the requests after the first wave (a client's
+    second request on), which join a running batch one at a time.
+    """
     pct = lambda xs, q: float(np.percentile(xs, q)) if xs else float("nan")  # noqa: E731
     return {
         "concurrency": concurrency,
@@ -114,6 +122,8 @@ def latency_row(concurrency: int, requests: int, errors: int, tokens: int, wall:
         "output_tok_s": tokens / wall,
         "ttft_p50_s": pct(ttft, 50),
         "ttft_p99_s": pct(ttft, 99),
+        "ttft_steady_p50_s": pct(steady_ttft, 50),
+        "ttft_steady_p99_s": pct(steady_ttft, 99),
         "itl_p50_s": pct(itl, 50),
         "itl_p99_s": pct(itl, 99),
     }
@@ -219,17 +229,17 @@ def bench_engine(engine: TorchEngine, workload: list[WorkItem], concurrency: int
         if output.finished:
             finished.put(output)
 
-    def issue() -> None:
+    def issue(first_wave: bool = False) -> None:
         index, item = todo.pop(0)
         request_id = f"bench-{concurrency}-{index}"
         with lock:
-            times[request_id] = RequestTimes(time.perf_counter())
+            times[request_id] = RequestTimes(time.perf_counter(), first_wave=first_wave)
         engine.submit(GenerationRequest(request_id, item.prompt_ids, SamplingParams(max_tokens=item.max_tokens)),
                       on_output)
 
     start = time.perf_counter()
     for _ in range(min(concurrency, len(todo))):
-        issue()
+        issue(first_wave=True)
     for _ in range(len(workload)):
         output = finished.get(timeout=3600)
         errors += output.finish_reason is None or output.finish_reason.value == "error"

@@ -29,7 +29,9 @@ class RequestStats:
     itls: list[float] = field(default_factory=list)
     e2e: float = 0.0
     output_tokens: int = 0
+    input_tokens: int = 0
     error: str | None = None
+    first_wave: bool = False  # a client's first request (see bench_engine.RequestTimes)
 
 
 def _input(name: str, array: np.ndarray, dtype: str) -> grpcclient.InferInput:
@@ -69,6 +71,7 @@ def stream_one(url: str, prompt: str, max_tokens: int, timeout: float = 600.0) -
                         stats.itls.append(at - last)
                     last = at
                 stats.output_tokens = int(result.as_numpy("num_output_tokens").reshape(-1)[0])
+                stats.input_tokens = int(result.as_numpy("num_input_tokens").reshape(-1)[0])
             if response.parameters["triton_final_response"].bool_param:
                 stats.e2e = at - start
                 return stats
@@ -86,12 +89,14 @@ def run_load(url: str, workload: list[tuple[str, int]], concurrency: int) -> dic
     lock = threading.Lock()
 
     def client() -> None:
+        first = True
         while True:
             try:
                 prompt, max_tokens = todo.get_nowait()
             except queue.Empty:
                 return
             stats = stream_one(url, prompt, max_tokens)
+            stats.first_wave, first = first, False
             with lock:
                 done.append(stats)
 
@@ -103,8 +108,11 @@ def run_load(url: str, workload: list[tuple[str, int]], concurrency: int) -> dic
         t.join()
     wall = time.perf_counter() - start
     ok = [s for s in done if s.error is None]
-    return latency_row(concurrency, len(done), len(done) - len(ok), sum(s.output_tokens for s in ok), wall,
-                       ttft=[s.ttft for s in ok], itl=[x for s in ok for x in s.itls])
+    row = latency_row(concurrency, len(done), len(done) - len(ok), sum(s.output_tokens for s in ok), wall,
+                      ttft=[s.ttft for s in ok], itl=[x for s in ok for x in s.itls],
+                      steady_ttft=[s.ttft for s in ok if not s.first_wave])
+    row["per_request"] = [{"input_tokens": s.input_tokens, "ttft_s": s.ttft, "first_wave": s.first_wave} for s in ok]
+    return row
 
 
 def start_server(checkpoint: Path, work_dir: Path, max_model_len: int = 1024) -> TritonServer:
