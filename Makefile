@@ -52,4 +52,5 @@ clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
 include mk/gpu.mk
+include mk/load.mk
 include mk/docker.mk

@@ -1,0 +1,10 @@
+"""load_tests/ is a top-level package of the repository, not an installed one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
