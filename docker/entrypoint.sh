@@ -5,8 +5,9 @@
 #                      that is the host's loopback; behind `-p 127.0.0.1:...`
 #                      publishing use 0.0.0.0)
 #   TRILLM_CHECKPOINT  checkpoint dir inside the container (default: the demo model)
-#   TRITON_ADMIN_KEY   when set, model control (load/unload) is on, and only
-#                      requests carrying the header `admin-key: <key>` may use it
+#   TRITON_ADMIN_KEY   when set, model control is explicit (load/unload through
+#                      the API, e.g. `trillm rollout`), and only requests carrying
+#                      the header `admin-key: <key>` may use it (docs/versions.md)
 #   HTTP_PORT, GRPC_PORT, METRICS_PORT   read by `trillm serve` itself
 set -eu
 
@@ -15,10 +16,10 @@ if [ -n "${TRILLM_CHECKPOINT:-}" ]; then
     set -- --checkpoint "$TRILLM_CHECKPOINT" "$@"
 fi
 if [ -n "${TRITON_ADMIN_KEY:-}" ]; then
-    set -- "$@" \
-        --triton-arg=--model-control-mode=explicit \
-        '--triton-arg=--load-model=*' \
-        "--triton-arg=--http-restricted-api=model-repository:admin-key=$TRITON_ADMIN_KEY" \
-        "--triton-arg=--grpc-restricted-protocol=model-repository:admin-key=$TRITON_ADMIN_KEY"
+    # trillm serve reads the key from TRILLM_ADMIN_KEY and builds tritonserver's
+    # restricted-API flags from it (docs/versions.md).
+    export TRILLM_ADMIN_KEY="$TRITON_ADMIN_KEY"
+    set -- "$@" --model-control explicit
 fi
+unset TRITON_ADMIN_KEY
 exec trillm serve "$@"

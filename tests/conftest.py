@@ -1,5 +1,5 @@
-"""Shared fixtures: the demo model (built once per session) and one real
-tritonserver per test session on free loopback ports."""
+"""Shared fixtures: the demo model's two versions (built once per session) and
+one real tritonserver per test session on free loopback ports."""
 
 from __future__ import annotations
 
@@ -20,22 +20,42 @@ if "triton_python_backend_utils" not in sys.modules:
     fake_pb_utils.install()
 
 
+DEMO_DIR = Path(os.environ.get("TRILLM_DEMO_DIR", ROOT / "build" / "demo-model"))
+
+
 @pytest.fixture(scope="session")
 def demo_model_dir() -> Path:
     from trillm.demo_model import build_demo_model
 
-    return Path(build_demo_model(Path(os.environ.get("TRILLM_DEMO_DIR", ROOT / "build" / "demo-model"))))
+    return Path(build_demo_model(DEMO_DIR))
 
 
 @pytest.fixture(scope="session")
-def triton_server(demo_model_dir, tmp_path_factory):
-    """A real tritonserver serving model_repository/ with the demo model."""
-    from trillm.launcher import TritonServer, free_port
+def demo_model_v2_dir() -> Path:
+    """Version 2 of the demo model (same tokenizer, other weights), beside version 1."""
+    from trillm.demo_model import build_demo_model
+
+    return Path(build_demo_model(DEMO_DIR.with_name(DEMO_DIR.name + "-v2"), version=2))
+
+
+@pytest.fixture(scope="session")
+def served_version() -> str:
+    """The version unpinned requests get from the session server (the default policy's)."""
+    from trillm.versions import VersionPolicy, pipeline_versions
+
+    return str(VersionPolicy().default(pipeline_versions(ROOT / "model_repository")))
+
+
+@pytest.fixture(scope="session")
+def triton_server(demo_model_dir, demo_model_v2_dir, tmp_path_factory):
+    """A real tritonserver serving model_repository/ with the demo model, as `make serve` does."""
+    from trillm.launcher import free_port, running
     from trillm.serve import ServeConfig, prepare
 
     work = tmp_path_factory.mktemp("triton")
     config = ServeConfig(
         checkpoint_dir=demo_model_dir,
+        version_checkpoints={2: demo_model_v2_dir},
         model_repository=ROOT / "model_repository",
         work_dir=work,
         http_port=free_port(),
@@ -49,10 +69,5 @@ def triton_server(demo_model_dir, tmp_path_factory):
     )
     options = prepare(config)
     options.exit_timeout = 5
-    server = TritonServer(options)
-    server.start()
-    try:
-        server.wait_ready(timeout=600)
+    with running(options, ready_timeout=600) as server:
         yield server
-    finally:
-        server.stop()

@@ -25,11 +25,15 @@ Python minor versions.
 ``DEFAULT_DEMO_DIR`` is ``$TRILLM_HOME/build/demo-model`` when ``TRILLM_HOME``
 is set, else ``build/demo-model`` under the current working directory (the
 repository root, for ``make`` and the tests). It is resolved at import time.
+
+The demo model has two versions, for the two versions of the model repository
+(docs/versions.md): the same architecture and tokenizer, weights from another
+seed (``DEMO_SEEDS``), so their greedy text differs. Version N > 1 lives beside
+version 1, in ``demo-model-vN`` (:func:`demo_dir`).
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
@@ -48,7 +52,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 DEFAULT_DEMO_DIR = Path(os.environ.get("TRILLM_HOME") or Path.cwd()) / "build" / "demo-model"
 MANIFEST = ".trillm-demo-manifest.json"
-SEED = 20240607
+# Weight seed of each demo version; version 1's is the original demo model's.
+DEMO_SEEDS = {1: 20240607, 2: 20240608}
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -163,12 +168,13 @@ def _corpus(sources: list[Path]) -> list[str]:
     return texts
 
 
-def _recipe(sources: list[Path]) -> dict:
+def _recipe(sources: list[Path], seed: int) -> dict:
     """Everything the output bytes depend on, cheap to compute (no parsing)."""
     corpus = hashlib.sha256()
     for path in sources:
         corpus.update(path.name.encode() + b"\0" + path.read_bytes())
     return {
+        "seed": seed,
         "builder_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         "corpus_sha256": corpus.hexdigest(),
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
@@ -198,13 +204,13 @@ def _train_tokenizer(texts: list[str]) -> Tokenizer:
     return tokenizer
 
 
-def _weights() -> dict[str, torch.Tensor]:
-    """Random weights from SEED, drawn in a fixed order."""
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    """Random weights from ``seed``, drawn in a fixed order."""
     c = CONFIG
     hidden, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     q_out = c["num_attention_heads"] * c["head_dim"]
     kv_out = c["num_key_value_heads"] * c["head_dim"]
-    generator = torch.Generator().manual_seed(SEED)
+    generator = torch.Generator().manual_seed(seed)
 
     def normal(shape: tuple[int, int], std: float) -> torch.Tensor:
         return torch.randn(shape, generator=generator, dtype=torch.float32) * std
@@ -284,24 +290,38 @@ def _is_current(out_dir: Path, recipe_sha: str) -> bool:
     )
 
 
-def build_demo_model(out_dir: Path = DEFAULT_DEMO_DIR, force: bool = False) -> Path:
-    """Write the demo checkpoint into ``out_dir`` (created) and return it.
+def demo_dir(version: int = 1) -> Path:
+    """Where version ``version`` of the demo model is built by default."""
+    if version not in DEMO_SEEDS:
+        raise ValueError(f"the demo model has versions {sorted(DEMO_SEEDS)}, not {version}")
+    return DEFAULT_DEMO_DIR if version == 1 else DEFAULT_DEMO_DIR.with_name(f"{DEFAULT_DEMO_DIR.name}-v{version}")
+
+
+def build_demo_models(force: bool = False) -> dict[int, Path]:
+    """Every version of the demo model, each in its :func:`demo_dir`."""
+    return {version: build_demo_model(demo_dir(version), force, version) for version in sorted(DEMO_SEEDS)}
+
+
+def build_demo_model(out_dir: Path = DEFAULT_DEMO_DIR, force: bool = False, version: int = 1) -> Path:
+    """Write version ``version`` of the demo checkpoint into ``out_dir`` (created) and return it.
 
     Does nothing when ``out_dir`` already holds a build of the same recipe,
     unless ``force``. Files are written to a temporary directory and moved in,
     the manifest last, so an interrupted build is never taken as current.
     """
     out_dir = Path(out_dir)
+    if version not in DEMO_SEEDS:
+        raise ValueError(f"the demo model has versions {sorted(DEMO_SEEDS)}, not {version}")
     sources = _corpus_sources()
-    recipe = _recipe(sources)
+    recipe = _recipe(sources, DEMO_SEEDS[version])
     recipe_sha = hashlib.sha256(_json(recipe).encode()).hexdigest()
     if not force and _is_current(out_dir, recipe_sha):
-        print(f"demo model is up to date in {out_dir} (recipe {recipe_sha[:12]})", file=sys.stderr)
+        print(f"demo model version {version} is up to date in {out_dir} (recipe {recipe_sha[:12]})", file=sys.stderr)
         return out_dir
 
     start = time.monotonic()
     tokenizer = _train_tokenizer(_corpus(sources))
-    weights = _weights()
+    weights = _weights(DEMO_SEEDS[version])
     n_params = sum(t.numel() for t in weights.values())
     generation_config = {
         "bos_token_id": CONFIG["bos_token_id"],
@@ -329,7 +349,7 @@ def build_demo_model(out_dir: Path = DEFAULT_DEMO_DIR, force: bool = False) -> P
             os.chmod(staging / name, 0o644)  # safetensors writes 0600; the server may run as another user
             os.replace(staging / name, out_dir / name)
     print(
-        f"built demo model ({n_params / 1e6:.2f}M parameters, recipe {recipe_sha[:12]}) "
+        f"built demo model version {version} ({n_params / 1e6:.2f}M parameters, recipe {recipe_sha[:12]}) "
         f"in {out_dir} in {time.monotonic() - start:.1f} s",
         file=sys.stderr,
     )
@@ -337,16 +357,10 @@ def build_demo_model(out_dir: Path = DEFAULT_DEMO_DIR, force: bool = False) -> P
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``trillm build-demo-model [--out DIR] [--force]``: print the checkpoint dir."""
-    parser = argparse.ArgumentParser(
-        prog="trillm build-demo-model",
-        description="Build the small deterministic demo Llama checkpoint and tokenizer (cached by recipe).",
-    )
-    parser.add_argument("--out", type=Path, default=DEFAULT_DEMO_DIR, help=f"default: {DEFAULT_DEMO_DIR}")
-    parser.add_argument("--force", action="store_true", help="rebuild even when the recipe is unchanged")
-    args = parser.parse_args(argv)
-    print(build_demo_model(args.out, force=args.force))
-    return 0
+    """``python -m trillm.demo_model [--version N] [--out DIR] [--force]``: ``trillm build-demo-model``."""
+    from trillm.cli import main as trillm_main
+
+    return trillm_main(["build-demo-model", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

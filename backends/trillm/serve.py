@@ -8,9 +8,20 @@ import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trillm.launcher import LaunchError, ServerOptions, TritonServer
-from trillm.templates import render_repository
+from trillm.templates import render_repository, repository_placeholders
+from trillm.versions import (
+    VERSION_PLACEHOLDER,
+    VersionError,
+    VersionPolicy,
+    checkpoint_versions,
+    pipeline_versions,
+)
+
+if TYPE_CHECKING:
+    from trillm_client.admin import AdminKey
 
 DEFAULT_MAX_MODEL_LEN_CAP = 4096
 
@@ -45,7 +56,44 @@ class ServeConfig:
     http_port: int = 8000
     grpc_port: int = 8001
     metrics_port: int = 8002
+    # Which versions load (trillm.versions); the ensemble serves the default one.
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    # Checkpoint of a version whose parameters.json asks for one (default: checkpoint_dir).
+    version_checkpoints: dict[int, Path] = field(default_factory=dict)
+    model_control: str = "none"  # or "explicit" (launcher.ServerOptions)
+    admin_key: AdminKey | None = None
     extra_args: list[str] = field(default_factory=list)
+
+    def checkpoint_of(self, version: int) -> Path:
+        return self.version_checkpoints.get(version, self.checkpoint_dir)
+
+    def tokenizer_of(self, version: int) -> Path:
+        if version in self.version_checkpoints:
+            return self.version_checkpoints[version]
+        return self.tokenizer_dir or self.checkpoint_dir
+
+    def version_values(self) -> dict[str, object]:
+        """The values of the version placeholders: policy, pinned ensemble version, per-version paths."""
+        versions = pipeline_versions(self.model_repository)
+        values: dict[str, object] = {
+            "version_policy": self.version_policy.pbtxt(),
+            "pipeline_version": self.version_policy.default(versions),
+        }
+        for name in repository_placeholders(self.model_repository):
+            match = VERSION_PLACEHOLDER.match(name)
+            if match:
+                kind, version = match.group(1), int(match.group(2))
+                path = self.checkpoint_of(version) if kind == "checkpoint_dir" else self.tokenizer_of(version)
+                values[name] = path.resolve()
+        taking = checkpoint_versions(self.model_repository)
+        unused = sorted(set(self.version_checkpoints) - taking)
+        if unused:
+            raise VersionError(
+                f"a checkpoint was given for version(s) {', '.join(map(str, unused))}, but no parameters.json of "
+                f"those versions in {self.model_repository} takes one (versions with a checkpoint: "
+                f"{', '.join(map(str, sorted(taking))) or 'none'})"
+            )
+        return values
 
     def resolved_max_model_len(self) -> int:
         if self.max_model_len:
@@ -76,6 +124,7 @@ class ServeConfig:
             "preprocessing_instances": self.preprocessing_instances,
             "postprocessing_instances": self.postprocessing_instances,
             "bls_instances": self.bls_instances,
+            **self.version_values(),
         }
 
 
@@ -90,9 +139,13 @@ def check_checkpoint(path: Path) -> None:
 
 def prepare(config: ServeConfig) -> ServerOptions:
     """Render the repository into the work dir; return the server options."""
-    check_checkpoint(config.checkpoint_dir)
+    for checkpoint in {config.checkpoint_dir, *config.version_checkpoints.values()}:
+        check_checkpoint(checkpoint)
     rendered = config.work_dir / "model_repository"
-    render_repository(config.model_repository, rendered, config.template_values())
+    try:
+        render_repository(config.model_repository, rendered, config.template_values())
+    except VersionError as exc:
+        raise LaunchError(str(exc)) from None
     return ServerOptions(
         model_repository=rendered.resolve(),
         work_dir=config.work_dir.resolve(),
@@ -100,6 +153,8 @@ def prepare(config: ServeConfig) -> ServerOptions:
         http_port=config.http_port,
         grpc_port=config.grpc_port,
         metrics_port=config.metrics_port,
+        model_control=config.model_control,
+        admin_key=config.admin_key,
         extra_args=list(config.extra_args),
     )
 
@@ -113,6 +168,14 @@ def serve(config: ServeConfig, ready_timeout: float = 600.0) -> int:
     server.start()
     try:
         print(f"trillm: starting tritonserver (log: {server.log_path})", flush=True)
+        versions = pipeline_versions(config.model_repository)
+        print(
+            f"trillm: versions {', '.join(map(str, versions))} in the repository; policy {config.version_policy} "
+            f"loads {', '.join(map(str, config.version_policy.served(versions)))}, unpinned requests get "
+            f"{config.version_policy.default(versions)}; model control {config.model_control}"
+            + (f", admin key from {config.admin_key.source}" if config.admin_key else ""),
+            flush=True,
+        )
         server.wait_ready(ready_timeout)
         print(
             f"trillm: ready. HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}\n"

@@ -5,10 +5,13 @@
 ...     print(client.generate("The capital of France is", max_tokens=16).text)
 """
 
+from trillm_client.ab import TrafficSplit, VersionStats
+from trillm_client.admin import AdminKey, ModelControl
 from trillm_client.aio import AsyncClient, AsyncTextStream
 from trillm_client.client import Client, TextStream
 from trillm_client.completion import Completion, ModelInfo, Sequence
 from trillm_client.errors import (
+    AdminKeyError,
     InvalidInputError,
     ModelNotFoundError,
     ModelNotReadyError,
@@ -22,11 +25,14 @@ from trillm_client.params import PARAMETERS
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdminKey",
+    "AdminKeyError",
     "AsyncClient",
     "AsyncTextStream",
     "Client",
     "Completion",
     "InvalidInputError",
+    "ModelControl",
     "ModelInfo",
     "ModelNotFoundError",
     "ModelNotReadyError",
@@ -35,6 +41,8 @@ __all__ = [
     "RequestTimeoutError",
     "Sequence",
     "TextStream",
+    "TrafficSplit",
     "TrillmError",
     "UnavailableError",
+    "VersionStats",
 ]

@@ -1,6 +1,6 @@
 """``trillm-client``: a thin command line over :class:`trillm_client.Client`.
 
-Commands: ``generate``, ``chat``, ``models``, ``health``. Exit codes: 0 ok,
+Commands: ``generate``, ``chat``, ``models``, ``health``, ``ab``. Exit codes: 0 ok,
 2 usage or invalid input, 3 server unavailable or model not ready, 4 model
 (or version) not found, 1 any other error, 130 interrupted.
 """
@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from trillm_client.ab import TrafficSplit, parse_split
 from trillm_client.chat import STOP_WORDS, Conversation
 from trillm_client.client import DEFAULT_URLS, PROTOCOLS, Client
 from trillm_client.errors import (
@@ -38,16 +39,23 @@ def exit_code(exc: BaseException) -> int:
     return EXIT_ERROR
 
 
-def build_parser() -> argparse.ArgumentParser:
+def server_parser(model: str = "ensemble", pin: bool = True) -> argparse.ArgumentParser:
+    """The server options (a parent parser; each command gets its own, so defaults stay its own)."""
     server = argparse.ArgumentParser(add_help=False)
     group = server.add_argument_group("server")
     group.add_argument(
         "--url", help=f"host:port (default {DEFAULT_URLS['grpc']} for grpc, {DEFAULT_URLS['http']} for http)"
     )
     group.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="default: grpc")
-    group.add_argument("--model", default="ensemble", help="default: ensemble (or tensorrt_llm_bls)")
-    group.add_argument("--version", help="pin a model version (default: the server's choice)")
+    group.add_argument("--model", default=model, help=f"default: {model}")
+    if pin:
+        group.add_argument("--version", help="pin a model version (default: the server's choice)")
     group.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each response (default 60)")
+    return server
+
+
+def build_parser() -> argparse.ArgumentParser:
+    server = server_parser()
 
     sampling = argparse.ArgumentParser(add_help=False)
     group = sampling.add_argument_group("generation")
@@ -84,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true")
     health = commands.add_parser("health", parents=[server], help="is the server live and the model ready (exit 0/3)")
     health.add_argument("--json", action="store_true")
+
+    ab = commands.add_parser(
+        "ab", parents=[server_parser("tensorrt_llm_bls", pin=False), sampling],
+        help="split requests between versions by weight; per-version latency, errors",
+        description="Sends --requests requests of PROMPT, each pinned to a version drawn by weight, and prints "
+        "every version's requests, errors and latency. Both versions must be loaded: tensorrt_llm_bls can serve "
+        "versions side by side, ensemble cannot (docs/versions.md).",
+    )
+    ab.add_argument("prompt", help="the prompt ('-' reads it from stdin)")
+    ab.add_argument("--split", type=parse_split, required=True, metavar="V=W,...", help="weights, e.g. 1=90,2=10")
+    ab.add_argument("--requests", type=int, default=20, help="requests to send (default 20)")
+    ab.add_argument("--concurrency", type=int, default=4, help="requests at a time (default 4)")
+    ab.add_argument("--split-seed", type=int, help="seed of the version draws (default: random)")
+    ab.add_argument("--json", action="store_true")
     return parser
 
 
@@ -188,6 +210,24 @@ def run_health(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK if health["live"] and health["model_ready"] else EXIT_UNAVAILABLE
 
 
+def run_ab(args: argparse.Namespace, out: TextIO) -> int:
+    if args.requests < 1:
+        raise ValueError(f"--requests must be >= 1, got {args.requests}")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    with TrafficSplit(args.split, url=args.url, protocol=args.protocol, model=args.model, seed=args.split_seed,
+                      timeout=args.timeout) as split:
+        split.generate_many([prompt] * args.requests, args.max_tokens, concurrency=args.concurrency,
+                            **sampling_kwargs(args))
+        stats = split.stats()
+        if args.json:
+            out.write(json.dumps({v: {"requests": s.requests, "errors": dict(s.errors), "mean_s": s.mean,
+                                      "p50_s": s.quantile(0.5), "p95_s": s.quantile(0.95)}
+                                  for v, s in stats.items()}) + "\n")
+        else:
+            out.write(split.report() + "\n")
+    return EXIT_OK if not any(s.error_count for s in stats.values()) else EXIT_ERROR
+
+
 COMMANDS = {"generate": run_generate, "chat": run_chat, "models": run_models, "health": run_health}
 
 
@@ -196,6 +236,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = out or sys.stdout
     try:
+        if args.command == "ab":
+            return run_ab(args, out)
         with make_client(args) as client:
             return COMMANDS[args.command](client, args, out)
     except KeyboardInterrupt:

@@ -49,6 +49,10 @@ class RequestCancelledError(TrillmError):
     """The server reports that the request was cancelled."""
 
 
+class AdminKeyError(TrillmError, PermissionError):
+    """The server refused a model-control call: the admin key is missing or wrong."""
+
+
 _NOT_READY = re.compile(r"has no available versions|is not ready|not ready", re.IGNORECASE)
 _NOT_FOUND = re.compile(r"unknown model|is not found|model not found", re.IGNORECASE)
 _CANCELLED = re.compile(r"\bcancel(l)?ed\b", re.IGNORECASE)

@@ -1,6 +1,6 @@
 """trillm_client against the real tritonserver of tests/conftest.py (demo model,
 models ensemble, tensorrt_llm_bls, preprocessing, tensorrt_llm, postprocessing,
-version 1)."""
+serving the default policy's version: ``served_version``)."""
 
 from __future__ import annotations
 
@@ -76,14 +76,14 @@ def free_port() -> int:
 # --- generation --------------------------------------------------------------
 
 @pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
-def test_http_and_grpc_give_the_same_greedy_text(triton_server, model):
+def test_http_and_grpc_give_the_same_greedy_text(triton_server, served_version, model):
     texts = {}
     for protocol in PROTOCOLS:
         with Client(url_of(triton_server, protocol), protocol=protocol, model=model, timeout=120) as c:
             done = c.generate("The quick brown fox", 16)
             assert done.num_input_tokens and done.num_input_tokens > 0
             assert done.num_output_tokens and 0 < done.num_output_tokens <= 16
-            assert done.finish_reason in ("length", "stop", "end") and done.model_version == "1"
+            assert done.finish_reason in ("length", "stop", "end") and done.model_version == served_version
             texts[f"{protocol} generate"] = done.text
             texts[f"{protocol} stream"] = c.stream("The quick brown fox", 16).text()
     assert texts["grpc generate"], "the model generated no text"
@@ -148,11 +148,11 @@ def test_async_client_matches_the_blocking_one(triton_server, protocol):
 # --- versions and errors ---------------------------------------------------------
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_pinned_version(triton_server, protocol):
+def test_pinned_version(triton_server, served_version, protocol):
     url = url_of(triton_server, protocol)
-    with Client(url, protocol=protocol, version="1") as c:
+    with Client(url, protocol=protocol, version=served_version) as c:
         done = c.generate("Hello", 4)
-        assert done.model_version == "1"
+        assert done.model_version == served_version
         assert c.stream("Hello", 4).text() == done.text
     with Client(url, protocol=protocol, version="9") as c, pytest.raises(ModelNotFoundError) as err:
         c.generate("Hello", 4)
@@ -220,17 +220,17 @@ def test_cancelling_an_async_stream_task_cancels_it(triton_server):
 
 # --- server state ------------------------------------------------------------------
 
-def test_health_models_wait_ready(client):
+def test_health_models_wait_ready(client, served_version):
     client.wait_ready(timeout=30)
     assert client.health() == {"live": True, "ready": True, "model": "ensemble", "model_ready": True}
     served = {(m.name, m.version, m.state) for m in client.models()}
-    assert {(name, "1", "READY") for name in MODELS} <= served
+    assert {(name, served_version, "READY") for name in MODELS} <= served
 
 
 # --- CLI -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_cli_generate(triton_server, protocol):
+def test_cli_generate(triton_server, served_version, protocol):
     url = url_of(triton_server, protocol)
     with Client(url, protocol=protocol) as c:
         expected = c.generate(MULTIBYTE, 8).text
@@ -242,7 +242,7 @@ def test_cli_generate(triton_server, protocol):
     as_json = cli("generate", MULTIBYTE, "--max-tokens", "8", "--url", url, "--protocol", protocol, "--json")
     assert as_json.returncode == 0, as_json.stderr
     printed = json.loads(as_json.stdout)
-    assert printed["text"] == expected and printed["model_version"] == "1" and printed["num_output_tokens"] <= 8
+    assert printed["text"] == expected and printed["model_version"] == served_version and printed["num_output_tokens"] <= 8
 
 
 def test_cli_models_and_health(triton_server):

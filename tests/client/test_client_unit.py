@@ -10,6 +10,7 @@ import asyncio
 import json
 import threading
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -783,3 +784,15 @@ def test_client_is_thread_safe_over_grpc(fake_grpc):
         for t in threads:
             t.join(10)
     assert results == ["x"] * 6 and len(fake_grpc.requests) == 6
+
+
+def test_cli_ab_pins_each_request_and_reports_per_version(fake_grpc, capsys):
+    fake_grpc.script = [grpc_response("Paris.", num_output_tokens=2, finish_reason="end"), grpc_response(final=True)]
+    code = cli.main(["ab", "Capital?", "--split", "1=1,2=3", "--requests", "12", "--concurrency", "3",
+                     "--split-seed", "5", "--url", fake_grpc.url, "--json"])
+    assert code == 0
+    stats = json.loads(capsys.readouterr().out)
+    pinned = Counter(r.model_version for r in fake_grpc.requests)
+    assert {r.model_name for r in fake_grpc.requests} == {"tensorrt_llm_bls"}
+    assert {v: s["requests"] for v, s in stats.items()} == dict(pinned) and sum(pinned.values()) == 12
+    assert all(s["errors"] == {} and s["p50_s"] > 0 for s in stats.values())

@@ -4,6 +4,9 @@ Business-logic scripting (BLS) calls ``preprocessing``, then streams from
 ``tensorrt_llm`` and renders each of its responses with ``postprocessing``,
 so it returns exactly the ensemble's text. Each request runs on a worker
 thread; ``execute`` returns at once.
+
+Version N calls version N of each of them (a version number names a whole
+pipeline, trillm.versions), so versions of this model can serve side by side.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import triton_python_backend_utils as pb_utils
 from trillm.triton import io
 from trillm.triton import tensors as T
 from trillm.triton.errors import ConfigError, InputError
-from trillm.triton.params import parse_parameters
+from trillm.triton.params import model_parameters
+from trillm.triton.sender import GuardedSender
 from trillm.triton.stop import send_stop
 
 # BLS input -> preprocessing input
@@ -59,11 +63,8 @@ POST_TO_USER = {
 
 @dataclass
 class BlsParams:
-    model_version: int = -1  # version of the composing models; -1 = latest
-
-    def validate(self) -> None:
-        if self.model_version < -1 or self.model_version == 0:
-            raise ConfigError("parameter 'model_version': -1 (latest) or a version number >= 1")
+    """None yet (so that a stray parameter fails the load). The version of the
+    composing models is not a parameter: it is this model's own version."""
 
 
 class BlsError(RuntimeError):
@@ -93,7 +94,8 @@ class TritonPythonModel:
                 "model 'tensorrt_llm_bls' streams and must be decoupled: set "
                 "model_transaction_policy { decoupled: true } in its config.pbtxt"
             )
-        self.params = parse_parameters(model_config, BlsParams)
+        self.params = model_parameters(args, BlsParams)
+        self.version = int(args["model_version"])
         self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="trillm-bls")
         self._watched: dict[str, object] = {}  # engine call key -> client's response sender
         self._lock = threading.Lock()
@@ -102,13 +104,13 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            self.pool.submit(self._run, request, request.get_response_sender())
+            self.pool.submit(self._run, request, GuardedSender(request.get_response_sender()))
         return None
 
     def _call(self, model: str, inputs: list, outputs: list[str], decoupled: bool = False, request_id: str = ""):
         request = pb_utils.InferenceRequest(
             model_name=model,
-            model_version=self.params.model_version,
+            model_version=self.version,
             request_id=request_id,
             inputs=inputs,
             requested_output_names=outputs,
@@ -154,7 +156,7 @@ class TritonPythonModel:
                     if sender.is_cancelled():
                         with self._lock:
                             self._watched.pop(key, None)
-                        send_stop(key, self.params.model_version)
+                        send_stop(key, self.version)
                 except Exception:  # the call ended meanwhile
                     pass
 

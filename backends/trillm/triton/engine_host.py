@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
 import threading
 from dataclasses import dataclass
@@ -24,7 +23,8 @@ from trillm.triton import io
 from trillm.triton import tensors as T
 from trillm.triton.errors import ConfigError, InputError
 from trillm.triton.metrics import HostMetrics
-from trillm.triton.params import parse_parameters
+from trillm.triton.params import model_parameters, version_dir
+from trillm.triton.sender import GuardedSender
 
 ENGINE_KINDS = ("torch", "tensorrt_llm")
 
@@ -143,12 +143,11 @@ class TritonPythonModel:
                 "model 'tensorrt_llm' streams and must be decoupled: set "
                 "model_transaction_policy { decoupled: true } in its config.pbtxt"
             )
-        self.params = parse_parameters(model_config, EngineHostParams)
+        # config.pbtxt's parameters, overridden by this version's parameters.json
+        self.params = model_parameters(args, EngineHostParams)
         self.metrics = HostMetrics(args.get("model_name", "tensorrt_llm"), args.get("model_version", "1"))
-        version_dir = None
-        if "model_repository" in args:
-            version_dir = os.path.join(args["model_repository"], str(args.get("model_version", "1")))
-        engine = create_engine(self.params, version_dir)
+        directory = version_dir(args)
+        engine = create_engine(self.params, None if directory is None else str(directory))
         tokenizer = load_tokenizer(self.params.tokenizer_dir or self.params.checkpoint_dir)
         self.host = GenerationHost(engine, tokenizer, self.params.skip_special_tokens, observe=self.metrics.observe)
         # Keys name calls for stop requests (see postprocessing/bls); random start
@@ -167,7 +166,7 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> None:
         for request in requests:
-            sender = request.get_response_sender()
+            sender = GuardedSender(request.get_response_sender())
             try:
                 if io.row_scalar(io.optional_input(request, T.ENG_STOP), 0, "stop", False):
                     # A stop request (TensorRT-LLM backend semantics): cancel the call
@@ -201,4 +200,6 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self._stop.set()
+        self._stats_thread.join(timeout=5)
         self.host.shutdown()
+        self.metrics.close()

@@ -77,3 +77,18 @@ class HostMetrics:
                 if delta > 0:
                     counter.increment(float(delta))
                     self._last[key] = stats[key]
+
+    def close(self) -> None:
+        """Drops every metric, then its family, while the stub can still tell the server.
+
+        Left to the interpreter's exit, their destructors run after the stub's
+        connection to tritonserver is gone, and the stub crashes on its way out.
+        """
+        if not self.enabled:
+            return
+        self.gauges.clear()
+        self.counters.clear()
+        self._finished.clear()
+        self.ttft = self.itl = None
+        self._finished_family = None
+        self._families.clear()

@@ -19,7 +19,7 @@ from trillm.tokenizer import load_tokenizer
 from trillm.triton import io
 from trillm.triton import tensors as T
 from trillm.triton.errors import InputError
-from trillm.triton.params import parse_parameters
+from trillm.triton.params import model_parameters
 from trillm.triton.stop import StopOnce
 
 
@@ -31,9 +31,10 @@ class PostprocessingParams:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        self.params = parse_parameters(args["model_config"], PostprocessingParams)
+        self.params = model_parameters(args, PostprocessingParams)
         self.tokenizer = load_tokenizer(self.params.tokenizer_dir)
-        self.stop = StopOnce()
+        # Pipelines are never mixed: the engine of this call is our own version.
+        self.stop = StopOnce(int(args.get("model_version", -1)))
 
     def execute(self, requests: list) -> list:
         responses = []

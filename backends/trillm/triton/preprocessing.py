@@ -11,7 +11,7 @@ from trillm.tokenizer import load_tokenizer
 from trillm.triton import io
 from trillm.triton import tensors as T
 from trillm.triton.errors import ConfigError, InputError
-from trillm.triton.params import parse_parameters
+from trillm.triton.params import model_parameters
 
 
 @dataclass
@@ -111,7 +111,7 @@ class Preprocessor:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        params = parse_parameters(args["model_config"], PreprocessingParams)
+        params = model_parameters(args, PreprocessingParams)
         self.pre = Preprocessor(params)
 
     def execute(self, requests: list) -> list:

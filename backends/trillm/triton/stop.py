@@ -38,10 +38,11 @@ def send_stop(request_id: str, model_version: int = -1) -> None:
 
 class StopOnce:
     """Sends at most one stop per key (every streamed piece of a cancelled
-    call reaches postprocessing cancelled)."""
+    call reaches postprocessing cancelled) to ``tensorrt_llm`` version ``model_version``."""
 
-    def __init__(self, remember: int = 4096) -> None:
+    def __init__(self, model_version: int = -1, remember: int = 4096) -> None:
         self._sent: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._model_version = model_version
         self._remember = remember
         self._lock = threading.Lock()
 
@@ -52,4 +53,4 @@ class StopOnce:
             self._sent[key] = None
             while len(self._sent) > self._remember:
                 self._sent.popitem(last=False)
-        send_stop(key)
+        send_stop(key, self._model_version)

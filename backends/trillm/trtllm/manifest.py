@@ -13,8 +13,10 @@ beside it is the same ``model.py`` shim as every version::
     {"engine_dir": "/abs/engine"}
 
 The engine host reads the pointer of the version it loads, so one
-``config.pbtxt`` serves every version, each with its own engine. Triton
-serves the highest version by default (version_policy latest 1).
+``config.pbtxt`` serves every version, each with its own engine. A version
+number names the whole pipeline (trillm.versions), so version N is created in
+every model of the repository. ``trillm serve`` serves the highest version by
+default (version policy latest).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from trillm.triton.errors import ConfigError
+from trillm.versions import VersionError, add_pipeline_version, model_versions
 
 MANIFEST_NAME = "trillm-engine.json"
 POINTER_NAME = "engine.json"
@@ -72,16 +75,24 @@ def new_version_dir(model_repository: Path, version: int) -> Path:
     if not (model_dir / "config.pbtxt").exists():
         raise ValueError(f"{model_dir} holds no config.pbtxt: --model-repository must be a trillm model repository")
     version_dir = model_dir / str(version)
-    if version_dir.exists():
-        raise ValueError(f"{version_dir} already exists: pick a new --version (a version's engine never changes)")
+    taken = [model for model, versions in model_versions(model_repository).items() if version in versions]
+    if taken:
+        raise ValueError(
+            f"version {version} already exists in {', '.join(taken)}: pick a new --version "
+            "(a version's engine never changes)"
+        )
     return version_dir
 
 
 def write_version(model_repository: Path, version: int, engine_dir: Path) -> Path:
-    """Create model version ``version`` of ``tensorrt_llm``, pointing at ``engine_dir``."""
+    """Create version ``version`` of the pipeline, its ``tensorrt_llm`` pointing at ``engine_dir``."""
     version_dir = new_version_dir(model_repository, version)
-    version_dir.mkdir()
-    (version_dir / "model.py").write_text(MODEL_SHIM)
+    try:
+        add_pipeline_version(model_repository, version)
+    except VersionError as exc:
+        raise ValueError(str(exc)) from None
+    if not (version_dir / "model.py").exists():
+        (version_dir / "model.py").write_text(MODEL_SHIM)
     pointer = {"engine_dir": str(Path(engine_dir).resolve())}
     (version_dir / POINTER_NAME).write_text(json.dumps(pointer, indent=2) + "\n")
     return version_dir
