@@ -27,7 +27,7 @@ $(STAMP): backends/pyproject.toml client/pyproject.toml
 
 install: $(STAMP) ## create .venv and install everything (idempotent)
 
-demo-model: $(STAMP) ## build the deterministic demo Llama checkpoint into build/demo-model (cached)
+demo-model: $(STAMP) ## build the deterministic demo Llama checkpoints: build/demo-model (version 1) and build/demo-model-v2 (cached)
 	$(VENV)/bin/trillm build-demo-model
 
 serve: demo-model ## install, build the demo model, serve all models on 127.0.0.1 (8000 http, 8001 grpc, 8002 metrics)
