@@ -9,8 +9,7 @@ from typing import Any
 
 from trillm_client.aio_transport import AsyncGrpcCall, AsyncGrpcTransport, AsyncHttpCall, AsyncHttpTransport
 from trillm_client.client import (
-    DEFAULT_URLS,
-    check_target,
+    _Target,
     control_error,
     model_infos,
     not_ready_error,
@@ -87,31 +86,14 @@ class AsyncTextStream(StreamProgress, AsyncIterator[str]):
                 pass
 
 
-class AsyncClient:
+class AsyncClient(_Target):
     """The asyncio twin of :class:`trillm_client.Client` (same arguments and semantics),
     on ``tritonclient.grpc.aio`` / ``tritonclient.http.aio`` and aiohttp.
 
     Use as ``async with AsyncClient(...) as client:`` or ``await client.close()``.
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        protocol: str = "grpc",
-        model: str = "ensemble",
-        version: str | int | None = None,
-        timeout: float | None = 60.0,
-        validate: bool = True,
-    ) -> None:
-        self.version = check_target(protocol, model, version)
-        self.protocol = protocol
-        self.url = url or DEFAULT_URLS[protocol]
-        self.model = model
-        self.timeout = timeout
-        self.validate = validate
-        self._grpc = AsyncGrpcTransport(self.url, timeout) if protocol == "grpc" else None
-        self._http = AsyncHttpTransport(self.url, timeout) if protocol == "http" else None
-        self._control_client: Any = None
+    _transports = (AsyncGrpcTransport, AsyncHttpTransport)
 
     async def _open(self, request: Request) -> AsyncCall:
         if self._grpc is not None:

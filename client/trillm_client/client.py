@@ -138,7 +138,35 @@ class TextStream(StreamProgress, Iterator[str]):
         self.close()
 
 
-class Client:
+class _Target:
+    """What a client talks to (server, protocol, model, version) and its transport;
+    shared by :class:`Client` and :class:`trillm_client.AsyncClient`, which name
+    their transport classes (gRPC, HTTP) in ``_transports``."""
+
+    _transports: tuple[type, type]
+
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        model: str = "ensemble",
+        version: str | int | None = None,
+        timeout: float | None = 60.0,
+        validate: bool = True,
+    ) -> None:
+        self.version = check_target(protocol, model, version)
+        self.protocol = protocol
+        self.url = url or DEFAULT_URLS[protocol]
+        self.model = model
+        self.timeout = timeout
+        self.validate = validate
+        grpc_transport, http_transport = self._transports
+        self._grpc = grpc_transport(self.url, timeout) if protocol == "grpc" else None
+        self._http = http_transport(self.url, timeout) if protocol == "http" else None
+        self._control_client: Any = None
+
+
+class Client(_Target):
     """A blocking client of a trillm (or TensorRT-LLM backend) Triton server.
 
     ``url`` is ``host:port`` (default ``127.0.0.1:8001`` for gRPC,
@@ -156,24 +184,7 @@ class Client:
     value means "not sent" (the server's default applies).
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        protocol: str = "grpc",
-        model: str = "ensemble",
-        version: str | int | None = None,
-        timeout: float | None = 60.0,
-        validate: bool = True,
-    ) -> None:
-        self.version = check_target(protocol, model, version)
-        self.protocol = protocol
-        self.url = url or DEFAULT_URLS[protocol]
-        self.model = model
-        self.timeout = timeout
-        self.validate = validate
-        self._grpc = GrpcTransport(self.url, timeout) if protocol == "grpc" else None
-        self._http = HttpTransport(self.url, timeout) if protocol == "http" else None
-        self._control_client: Any = None
+    _transports = (GrpcTransport, HttpTransport)
 
     # -- generation ----------------------------------------------------------
     def _open(self, request: Request) -> Iterator[Any]:
