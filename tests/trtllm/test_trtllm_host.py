@@ -10,15 +10,12 @@ import threading
 import pytest
 from trtllm_helpers import host_params
 
+from trillm.host import GenerationHost, HostRequest, HostResponse
+from trillm.tokenizer import load_tokenizer
+from trillm.triton.engine_host import EngineHostParams
+from trillm.trtllm import create_trtllm_engine
+
 pytestmark = pytest.mark.unit
-
-pytest.importorskip("trillm.tokenizer", reason="trillm.tokenizer is not in the package yet")
-pytest.importorskip("trillm.detokenizer", reason="trillm.detokenizer is not in the package yet")
-
-from trillm.host import GenerationHost, HostRequest, HostResponse  # noqa: E402
-from trillm.tokenizer import load_tokenizer  # noqa: E402
-from trillm.triton.engine_host import EngineHostParams  # noqa: E402
-from trillm.trtllm import create_trtllm_engine  # noqa: E402
 
 PROMPT = [1, 300, 301]
 
