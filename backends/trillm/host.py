@@ -200,7 +200,7 @@ class GenerationHost:
         only one.
         """
         params = seq.row.sampling(seq.sequence_index)
-        eos_ids = tuple(getattr(self.tokenizer, "eos_ids", ()))
+        eos_ids = self.tokenizer.eos_ids
         if params.end_id is not None and params.end_id in eos_ids:
             params = replace(params, extra_end_ids=tuple(e for e in eos_ids if e != params.end_id))
         return params

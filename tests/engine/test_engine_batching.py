@@ -58,6 +58,14 @@ def test_staggered_arrivals_join_running_batch(engine, mixed_requests, alone):
         assert results[request.request_id].tokens == alone[request.request_id].tokens
 
 
+def assert_same_as_alone(results, alone, requests) -> None:
+    """Same tokens as each request run alone; log-probs equal to float tolerance."""
+    for request in requests:
+        rid = request.request_id
+        assert results[rid].tokens == alone[rid].tokens, rid
+        assert results[rid].log_probs == pytest.approx(alone[rid].log_probs, abs=1e-4)
+
+
 def test_chunked_prefill_matches_unchunked(demo_checkpoint, mixed_requests, alone):
     """Prompts prefilled 32 tokens at a time, interleaved with decodes, give the
     same tokens as 256-token chunks (log-probs equal to float tolerance)."""
@@ -67,10 +75,7 @@ def test_chunked_prefill_matches_unchunked(demo_checkpoint, mixed_requests, alon
         results = run(engine, mixed_requests)
     finally:
         engine.shutdown()
-    for request in mixed_requests:
-        rid = request.request_id
-        assert results[rid].tokens == alone[rid].tokens, rid
-        assert results[rid].log_probs == pytest.approx(alone[rid].log_probs, abs=1e-4)
+    assert_same_as_alone(results, alone, mixed_requests)
 
 
 def test_preemption_under_tiny_kv_cache_keeps_outputs(demo_checkpoint, mixed_requests, alone):
@@ -83,10 +88,7 @@ def test_preemption_under_tiny_kv_cache_keeps_outputs(demo_checkpoint, mixed_req
         assert engine.stats()["preemptions"] > 0
     finally:
         engine.shutdown()
-    for request in mixed_requests:
-        rid = request.request_id
-        assert results[rid].tokens == alone[rid].tokens, rid
-        assert results[rid].log_probs == pytest.approx(alone[rid].log_probs, abs=1e-4)
+    assert_same_as_alone(results, alone, mixed_requests)
 
 
 def test_prefix_cache_reuses_shared_system_prompt(demo_checkpoint):

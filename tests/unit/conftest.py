@@ -1,6 +1,7 @@
 """Unit-test fixtures: the demo model built once per session into a temporary
 directory, and a sentencepiece-style (Metaspace, byte-fallback) tokenizer
-trained here, the shape of Llama 2 / TinyLlama / Mistral's tokenizer.json."""
+trained here, the shape of Llama 2 / TinyLlama / Mistral's tokenizer.json, and
+both loaded (``demo_tok``, ``metaspace_tok``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from trillm.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +69,13 @@ def metaspace_dir(tmp_path_factory) -> Path:
     (out / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 4096,
                                                  "bos_token_id": 1, "eos_token_id": 2}))
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_tok(demo_model_dir):
+    return load_tokenizer(demo_model_dir)
+
+
+@pytest.fixture(scope="session")
+def metaspace_tok(metaspace_dir):
+    return load_tokenizer(metaspace_dir)

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trillm.detokenizer import IncrementalDetokenizer, StopStringMatcher, TextStream, decode_delta
-from trillm.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.unit
 
@@ -19,16 +18,6 @@ TEXTS = [
     "emoji 🦜🦩 🧑‍🚀 🇯🇵 🫠 split across byte tokens",
     "  two  spaces\tand tab\nnew line ",
 ]
-
-
-@pytest.fixture(scope="module")
-def demo_tok(demo_model_dir):
-    return load_tokenizer(demo_model_dir)
-
-
-@pytest.fixture(scope="module")
-def metaspace_tok(metaspace_dir):
-    return load_tokenizer(metaspace_dir)
 
 
 @pytest.fixture(scope="module", params=["byte_level", "metaspace"])

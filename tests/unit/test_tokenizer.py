@@ -60,16 +60,6 @@ def test_demo_tokenizer_ids_and_template(demo_model_dir):
         tok.apply_chat_template([{"role": "tool", "content": "x"}])
 
 
-@pytest.fixture(scope="module")
-def demo_tok(demo_model_dir):
-    return load_tokenizer(demo_model_dir)
-
-
-@pytest.fixture(scope="module")
-def metaspace_tok(metaspace_dir):
-    return load_tokenizer(metaspace_dir)
-
-
 @settings(max_examples=300, deadline=None)
 @given(text=st.text())
 def test_byte_level_round_trips_any_utf8(demo_tok, text):
