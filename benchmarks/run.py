@@ -86,6 +86,16 @@ TARGETS = [
 ]
 
 
+def cpu_line(machine: dict) -> str:
+    """The facts that select kernels, for the header of every table of figures."""
+    cpu = machine.get("cpu")
+    if not cpu:
+        return machine["processor"]
+    l3 = f"{cpu['l3_bytes'] >> 20} MiB L3" if cpu["l3_bytes"] else "L3 unknown"
+    return (f"{cpu['model_name']}, torch capability {cpu['torch_capability']}, "
+            f"ISA {' '.join(cpu['flags']) or 'baseline x86-64'}, {l3}, {cpu['threads']} torch threads")
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
@@ -94,7 +104,9 @@ def markdown(results: dict) -> str:
         "Written by `make bench` (`python -m benchmarks.run`); every figure below is from one run,",
         f"on {results['date']}: {m['cpus']} CPUs ({m['processor']}), torch {m['torch']} with "
         f"{m['torch_threads']} threads, Python {m['python']}; demo model (56M parameters, float32).",
-        f"Memory bandwidth: {', '.join(f'{k} {v:.1f} GB/s' for k, v in results['memory_bandwidth'].items())}.",
+        f"CPU: {cpu_line(m)}.",
+        f"Memory bandwidth ({results['memory_bandwidth']['buffer_mib']} MiB buffers, larger than the L3): "
+        f"copy {results['memory_bandwidth']['copy_gb_s']:.1f} GB/s, read {results['memory_bandwidth']['read_gb_s']:.1f} GB/s.",
         "",
         "Workload: fixed seed, prompts of 32-512 tokens, max_tokens 64-256 (no early stop: the demo model",
         "never emits its end token). Served rows: gRPC streaming to `ensemble`, ITL measured between",

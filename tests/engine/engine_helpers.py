@@ -156,16 +156,77 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
-    """transformers' greedy tokens, and their log-probabilities under the model's softmax."""
+@dataclass
+class Reference:
+    """transformers' greedy continuation of one prompt, with what the comparison rule needs per step."""
+
+    tokens: list[int]
+    log_probs: list[float]  # of the chosen tokens, under the model's log-softmax
+    margins: list[float]  # top-1 minus top-2 logit
+    max_abs_logits: list[float]
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> Reference:
+    """transformers' greedy tokens, their log-probabilities, and each step's top-2 margin."""
     with torch.no_grad(), torch_threads(1):
         out = model.generate(
             torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True,
         )
     tokens = out.sequences[0, len(prompt):].tolist()
-    log_probs = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.logits, tokens)]
-    return tokens, log_probs
+    logits = [s[0].float() for s in out.logits]
+    top2 = [z.topk(2).values for z in logits]
+    return Reference(
+        tokens=tokens,
+        log_probs=[torch.log_softmax(z, -1)[t].item() for z, t in zip(logits, tokens)],
+        margins=[(v[0] - v[1]).item() for v in top2],
+        max_abs_logits=[z.abs().max().item() for z in logits],
+    )
+
+
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
+# How far past its typical size a rounding error may go: the errors are not
+# Gaussian, and norms and softmaxes amplify them by model-dependent gains.
+# Measured (AVX-512 Xeon): the demo model's worst error is 0.08 of the
+# typical size, the random Llama's (weights drawn wide, large gains) 2.9.
+ROUNDING_TAIL = 16.0
+
+
+def fp32_logit_error(spec) -> float:
+    """Relative error of a logit between two float32 evaluations of one model that differ
+    only in reduction order (kernels, splits, fused matmuls).
+
+    Each matmul's dot products of length K carry a rounding error of typical
+    relative size sqrt(K) * u (u = 2^-24, errors of random sign); the path
+    from the embedding to a logit crosses 4 matmuls per layer (qkv, o,
+    gate_up, down) and the LM head, whose independent errors add in
+    quadrature through the residual stream: sqrt(4 * layers + 1).
+    """
+    k = max(spec.hidden_size, spec.intermediate_size, spec.num_heads * spec.head_dim)
+    return ROUNDING_TAIL * FP32_UNIT_ROUNDOFF * (k * (4 * spec.num_layers + 1)) ** 0.5
+
+
+def assert_matches_reference(got_tokens: list[int], got_log_probs: list[float], ref: Reference, spec,
+                             label: str) -> int:
+    """Compare an engine's greedy continuation with transformers'; returns the steps compared.
+
+    The rule: a logit z may be off by ``fp32_logit_error(spec) * max|z|``
+    (its absolute error scales with the largest logit of the step), so a
+    log-prob, z_t - logsumexp(z), by twice that. Where the reference's top-2
+    margin exceeds twice the logit error, the token must be the same; at the
+    first step whose margin is smaller (a near tie that rounding may decide
+    either way) the comparison stops, since the continuations may part there.
+    """
+    rel = fp32_logit_error(spec)
+    assert len(got_tokens) == len(ref.tokens), label
+    for step, (token, log_prob) in enumerate(zip(got_tokens, got_log_probs)):
+        logit_error = rel * ref.max_abs_logits[step]
+        if ref.margins[step] <= 2 * logit_error:
+            return step
+        assert token == ref.tokens[step], f"{label}: token {step} ({ref.margins[step]:.3g} top-2 margin)"
+        assert abs(log_prob - ref.log_probs[step]) <= 2 * logit_error, (
+            f"{label}: log-prob {step}: {log_prob} vs {ref.log_probs[step]} (bound {2 * logit_error:.3g})")
+    return len(got_tokens)
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.005) -> bool:

@@ -113,20 +113,60 @@ def test_rope_frequencies_equal_transformers(rope):
 
 
 def test_linear_rows_do_not_depend_on_the_row_count():
-    """The property batch invariance rests on (see linear.py), checked on this machine's torch build."""
-    from trillm.engine.linear import Linear
+    """The property batch invariance rests on (see linear.py): padded to the multiple the
+    probe finds on this CPU, every row count gives each row the same bits, here checked on
+    other inputs and row offsets than the probe used. Where the probe finds no multiple it
+    must have seen a differing row count, which is checked instead."""
+    from trillm.engine.linear import Linear, row_variant_counts, smallest_row_multiple
 
     generator = torch.Generator().manual_seed(0)
-    weight, bias = torch.randn(1280, 640, generator=generator) / 25, torch.randn(1280, generator=generator)
-    layer = Linear(weight, bias)
-    x = torch.randn(300, 640, generator=generator)
-    full = layer(x)
-    assert torch.allclose(full, torch.nn.functional.linear(x, weight, bias), atol=1e-4)
-    m = layer.row_multiple
-    for rows in (1, 2, 3, 5, 8, 13, 64, 255):
-        rows = -(-rows // m) * m
-        for start in (0, 7):
-            assert torch.equal(layer(x[start:start + rows]), full[start:start + rows]), (rows, start)
+    for shape in ((1280, 640), (640, 1728)):
+        weight, bias = torch.randn(*shape, generator=generator) / 25, torch.randn(shape[0], generator=generator)
+        layer = Linear(weight, bias)
+        x = torch.randn(300, shape[1], generator=generator)
+        full = layer(x)
+        assert torch.allclose(full, torch.nn.functional.linear(x, weight, bias), atol=1e-4)
+        variants = row_variant_counts(layer, 200)
+        m = smallest_row_multiple([variants], 200)
+        if m is None:
+            assert variants
+            continue
+        for rows in (1, 2, 3, 5, 8, 13, 64, 199):
+            rows = -(-rows // m) * m
+            for start in (0, 7):
+                assert torch.equal(layer(x[start:start + rows]), full[start:start + rows]), (shape, rows, start)
+
+
+def test_probe_finds_a_kernel_that_rounds_lone_rows_differently():
+    """A matmul whose lone rows take another path (as oneDNN's fp32 640x1728 does on
+    AVX-512) is found by the probe, and padding to 2 rows is what it asks for."""
+    from trillm.engine import linear as linear_module
+    from trillm.engine.linear import Linear, row_variant_counts, smallest_row_multiple
+
+    class LoneRowsDiffer(Linear):
+        def __call__(self, x):
+            y = super().__call__(x)
+            return y + 1e-3 if x.shape[0] == 1 else y
+
+    generator = torch.Generator().manual_seed(1)
+    layer = LoneRowsDiffer(torch.randn(24, 40, generator=generator))
+    key = (layer.shape_key, 48, torch.get_num_threads())  # the probe caches by kernel shape, not by class
+    linear_module._probe_cache.pop(key, None)
+    try:
+        variants = row_variant_counts(layer, 48)
+    finally:
+        linear_module._probe_cache.pop(key, None)
+    assert variants == frozenset({1})
+    assert smallest_row_multiple([variants], 48) == 2
+
+
+def test_smallest_row_multiple_skips_variant_counts():
+    from trillm.engine.linear import smallest_row_multiple
+
+    assert smallest_row_multiple([frozenset()], 100) == 1
+    assert smallest_row_multiple([frozenset({1})], 100) == 2
+    assert smallest_row_multiple([frozenset({1}), frozenset({2, 6, 10})], 100) == 4
+    assert smallest_row_multiple([frozenset(range(1, 128))], 100) is None
 
 
 def test_segmented_decode_attention_equals_one_pass():

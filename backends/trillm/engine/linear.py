@@ -1,17 +1,24 @@
-"""Linear layers for CPU decoding: weights prepacked once for oneDNN.
+"""Linear layers for CPU decoding, and the probe that makes a row's result independent of its batch.
 
-Why not ``F.linear``: torch's CPU BLAS (MKL) is slow for the few-row
-matmuls of decoding on this hardware class (AMD EPYC, AVX2: about 3 GB/s of
-weights at 4 rows, against 10+ GB/s for oneDNN with prepacked weights), and
-it rounds a row differently depending on how many rows share the call (1,
-2-3 and 4+ rows take different kernels). oneDNN's prepacked inner product
-was measured to give every row the same bits whatever the row count (1 to
-700 rows, 1 to 3 threads), which is what makes a request's output
-independent of its batch.
+Why oneDNN: torch's CPU BLAS (MKL) is slow for the few-row matmuls of
+decoding (measured on AMD EPYC, AVX2: about 3 GB/s of weights at 4 rows,
+against 10+ GB/s for oneDNN with prepacked weights). float32 weights are
+prepacked once for oneDNN's inner product; other dtypes use ``F.linear``.
 
-Where oneDNN cannot be used (a torch build without it, or a dtype other than
-float32), ``F.linear`` is used and ``ROW_MULTIPLE_FALLBACK`` rows are the
-matmul granularity that keeps MKL's results row-independent.
+Batch invariance: a request must get the same bits whether it runs alone or
+shares a step with others, so no row's result may depend on how many rows
+share its matmul. No library promises that, and the kernel a library picks
+depends on the CPU, the shape, the row count and the thread count:
+measured, oneDNN's fp32 inner product of a 640x1728 weight on a Xeon with
+AVX-512 rounds a lone row differently from a row among 2 or more (it splits
+the 1728-long reductions for one row), while on an AVX2 EPYC and for
+1536x576 it gives the same bits for 1 to 700 rows; MKL's ``F.linear`` is
+row-invariant only in multiples of 4 rows on the EPYC, of 16 on the Xeon.
+So the engine does not assume: :func:`probe_row_multiple` runs every row
+count a step can use, on this CPU, with this thread count, and finds the
+smallest row multiple (steps are padded to it) at which every row comes out
+the same; or reports that none exists, and the engine says it is not
+batch-invariant.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
-ROW_MULTIPLE_FALLBACK = 4  # MKL: 4 or more rows, in multiples of 4, share one kernel
+# Candidate paddings, smallest first; the probe's largest call is a multiple of all of them.
+ROW_MULTIPLES = (1, 2, 4, 8, 16, 32, 64)
 
 
 @functools.cache
@@ -46,6 +54,8 @@ class Linear:
     """``x @ weight.T + bias``, with ``weight`` prepacked for oneDNN when possible."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
         self.nbytes = weight.numel() * weight.element_size()
         if bias is not None:
             self.nbytes += bias.numel() * bias.element_size()
@@ -54,11 +64,49 @@ class Linear:
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None) if self.packed else weight
 
     @property
-    def row_multiple(self) -> int:
-        """Rows per matmul must be a multiple of this for results not to depend on the row count."""
-        return 1 if self.packed else ROW_MULTIPLE_FALLBACK
+    def kernel(self) -> str:
+        return "onednn-prepacked" if self.packed else "aten-linear"
+
+    @property
+    def shape_key(self) -> tuple:
+        """What selects the kernel: the shape, dtype, bias and the path (not the values)."""
+        return (self.out_features, self.in_features, str(self.dtype), self.bias is not None, self.packed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [None], "")
         return F.linear(x, self.weight, self.bias)
+
+
+def _pad(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def row_variant_counts(linear: Linear, max_rows: int) -> frozenset[int]:
+    """The row counts below the probe's largest call whose rows differ from that call's.
+
+    Runs ``linear`` on every row count from 1 to ``max_rows`` padded to the
+    largest of ROW_MULTIPLES, on this CPU and thread count; cached per kernel
+    shape, row limit and thread count (what the kernel choice depends on).
+    """
+    key = (linear.shape_key, max_rows, torch.get_num_threads())
+    if key not in _probe_cache:
+        largest = _pad(max_rows, ROW_MULTIPLES[-1])
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(largest, linear.in_features, generator=generator).to(linear.dtype)
+        with torch.inference_mode():
+            reference = linear(x)
+            _probe_cache[key] = frozenset(n for n in range(1, largest)
+                                          if not torch.equal(linear(x[:n]), reference[:n]))
+    return _probe_cache[key]
+
+
+def smallest_row_multiple(variant_counts: list[frozenset[int]], max_rows: int) -> int | None:
+    """The smallest of ROW_MULTIPLES at which no padded row count up to ``max_rows`` is
+    variant for any of the matmuls; None when there is none."""
+    return next((m for m in ROW_MULTIPLES
+                 if not any(n % m == 0 and n <= _pad(max_rows, m) for counts in variant_counts for n in counts)),
+                None)
+
+
+_probe_cache: dict[tuple, frozenset[int]] = {}

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from trillm.engine.attention import AttentionMetadata, paged_attention
 from trillm.engine.checkpoint import LlamaSpec
 from trillm.engine.kv_cache import KVCache
-from trillm.engine.linear import Linear
+from trillm.engine.linear import Linear, row_variant_counts, smallest_row_multiple
 from trillm.engine.rope import apply_rope, cos_sin_tables
 
 
@@ -69,11 +69,42 @@ class LlamaModel:
             self.lm_head = Linear(take("lm_head.weight", (spec.vocab_size, h)))
         self.cos, self.sin_signed = cos_sin_tables(spec, max_positions, dtype)
         linears = [self.lm_head] + [m for w in self.layers for m in (w.qkv, w.o, w.gate_up, w.down)]
-        # Matmul row counts must be a multiple of this for rows not to change with the batch.
-        self.row_multiple = max(m.row_multiple for m in linears)
+        # Rows per step, and sample rows per LM-head call, are padded to these
+        # multiples so that no row changes with the batch (probe_batch_invariance).
+        self.row_multiple = 1
+        self.head_row_multiple = 1
+        self.batch_invariant = False  # until probed
         norms = [self.norm] + [n for w in self.layers for n in (w.input_norm, w.post_norm)]
         # Bytes every decode step reads: all matrices (the embedding table only by row).
         self.weight_bytes = sum(m.nbytes for m in linears) + sum(n.numel() * n.element_size() for n in norms)
+
+    def probe_batch_invariance(self, max_step_rows: int, max_sample_rows: int) -> dict:
+        """Probe each distinct matmul on this CPU (linear.py) and set the row paddings.
+
+        Every other op of the forward pass is row-wise (embedding, norms, RoPE,
+        SiLU, residuals: each row's arithmetic is the same whatever the row
+        count) or per sequence (attention: one call per sequence over its own
+        keys), so the matmuls are what can break invariance. Returns the
+        report the engine logs and shows in ``stats()``.
+        """
+        layer = self.layers[0]  # every layer has the same shapes, so the same kernels
+        step = {"qkv": layer.qkv, "o": layer.o, "gate_up": layer.gate_up, "down": layer.down}
+        variants = {name: row_variant_counts(lin, max_step_rows) for name, lin in step.items()}
+        head_variants = row_variant_counts(self.lm_head, max_sample_rows)
+        step_multiple = smallest_row_multiple(list(variants.values()), max_step_rows)
+        head_multiple = smallest_row_multiple([head_variants], max_sample_rows)
+        self.batch_invariant = step_multiple is not None and head_multiple is not None
+        self.row_multiple = step_multiple or 1
+        self.head_row_multiple = head_multiple or 1
+        per_matmul = {name: smallest_row_multiple([v], max_step_rows) for name, v in variants.items()}
+        per_matmul["lm_head"] = head_multiple
+        return {
+            "batch_invariant": self.batch_invariant,
+            "linear_kernel": layer.qkv.kernel,
+            "row_multiples": per_matmul,  # None: no padding makes that matmul row-invariant here
+            "step_row_multiple": self.row_multiple,
+            "head_row_multiple": self.head_row_multiple,
+        }
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:

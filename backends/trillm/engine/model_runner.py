@@ -29,11 +29,12 @@ class ModelRunner:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
-        # Rows are padded to this multiple so that no row's result depends on the row count (linear.py).
-        self.row_multiple = model.row_multiple
 
-    def _pad(self, n: int) -> int:
-        return -(-n // self.row_multiple) * self.row_multiple
+    @staticmethod
+    def _pad(n: int, multiple: int) -> int:
+        """Rows are padded to the model's probed multiples so that no row's result
+        depends on the row count (LlamaModel.probe_batch_invariance)."""
+        return -(-n // multiple) * multiple
 
     def prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int]]:
         """(input ids, positions, attention metadata, rows whose logits are sampled), rows padded."""
@@ -63,7 +64,7 @@ class ModelRunner:
             sequences.append(SequenceAttention(row, len(ids), end, segments, block_ids, fresh, mask))
             if chunk.samples:
                 sample_rows.append(len(ids) - 1)
-        padding = self._pad(len(ids)) - len(ids)
+        padding = self._pad(len(ids), self.model.row_multiple) - len(ids)
         ids.extend([0] * padding)
         positions.extend([0] * padding)
         slots.extend([self.kv_cache.null_slot] * padding)
@@ -92,5 +93,5 @@ class ModelRunner:
         hidden = self.model.forward(input_ids, positions, meta, self.kv_cache)
         if not sample_rows:
             return torch.empty(0, self.model.spec.vocab_size)
-        rows = sample_rows + [sample_rows[-1]] * (self._pad(len(sample_rows)) - len(sample_rows))
+        rows = sample_rows + [sample_rows[-1]] * (self._pad(len(sample_rows), self.model.head_row_multiple) - len(sample_rows))
         return self.model.logits(hidden.index_select(0, torch.tensor(rows)))[:len(sample_rows)]

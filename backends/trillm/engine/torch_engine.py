@@ -21,6 +21,7 @@ import torch
 from trillm.engine.block_manager import BlockManager
 from trillm.engine.checkpoint import TORCH_DTYPES, LlamaSpec, load_tensors, read_config
 from trillm.engine.config import EngineConfig, EngineLimits, resolve_limits
+from trillm.engine.cpu import cpu_info
 from trillm.engine.kv_cache import KVCache
 from trillm.engine.llama import LlamaModel
 from trillm.engine.model_runner import ModelRunner
@@ -58,6 +59,9 @@ class TorchEngine:
         self.limits: EngineLimits = limits
         self.model = LlamaModel(spec, tensors, dtype, max_positions=limits.max_model_len)
         del tensors
+        self.cpu = cpu_info()
+        self.kernels = self.model.probe_batch_invariance(limits.max_num_batched_tokens, limits.max_num_seqs)
+        self._log_kernel_choice(config.dtype)
         self.kv_cache = KVCache(spec.num_layers, limits.kv_cache_blocks, limits.block_size,
                                 spec.num_kv_heads, spec.head_dim, dtype)
         self.block_manager = BlockManager(limits.kv_cache_blocks, limits.block_size, config.enable_prefix_caching)
@@ -115,6 +119,18 @@ class TorchEngine:
             self._wakeup.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join()
+
+    def _log_kernel_choice(self, dtype: str) -> None:
+        k = self.kernels
+        log.info("engine: CPU %s", self.cpu.summary())
+        if k["batch_invariant"]:
+            log.info("engine: %s linears (%s); steps padded to %d rows, LM head to %d: probed on this CPU, "
+                     "a request's output does not depend on its batch", dtype, k["linear_kernel"],
+                     k["step_row_multiple"], k["head_row_multiple"])
+        else:
+            log.warning("engine: %s linears (%s) are NOT batch-invariant on this CPU (row multiples probed: %s): "
+                        "a request's log-probs may change in the last bits with what shares its step",
+                        dtype, k["linear_kernel"], k["row_multiples"])
 
     # ---- validation ------------------------------------------------------------
 
@@ -244,6 +260,9 @@ class TorchEngine:
             "prompt_tokens_total": self._prompt_tokens_total,
             "generation_tokens_total": self._generation_tokens_total,
             "preemptions": self.scheduler.num_preemptions,
+            "batch_invariant": self.kernels["batch_invariant"],
+            "kernels": self.kernels,
+            "cpu": self.cpu.as_dict(),
         }
 
     def _publish_stats(self) -> None:

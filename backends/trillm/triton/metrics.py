@@ -35,6 +35,8 @@ class HostMetrics:
             "waiting": make("trillm_requests_queued", G, "Sequences waiting for admission"),
             "kv_blocks_used": make("trillm_kv_blocks_used", G, "KV cache blocks in use"),
             "kv_blocks_total": make("trillm_kv_blocks_total", G, "KV cache blocks in all"),
+            "batch_invariant": make("trillm_batch_invariant", G,
+                                    "1 when a request's output does not depend on its batch (probed on this CPU at load)"),
         }
         self.counters = {
             "prompt_tokens_total": make("trillm_prompt_tokens_total", C, "Prompt tokens processed"),
