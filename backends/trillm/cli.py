@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from trillm.launcher import MODEL_CONTROL_MODES, LaunchError
+from trillm.openai import options as openai_options
 from trillm.serve import ServeConfig, env_port, prepare, serve
 from trillm.trtllm import build as trtllm_build
 from trillm.versions import VersionError, VersionPolicy, checkpoint_versions, model_versions
@@ -69,6 +70,10 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-control", choices=MODEL_CONTROL_MODES, default=d.model_control,
                         help="explicit: models load and unload through the API, with the admin key from "
                         "TRILLM_ADMIN_KEY or TRILLM_ADMIN_KEY_FILE (what trillm rollout needs); default none")
+    parser.add_argument("--openai-port", type=int, default=env_port("OPENAI_PORT", d.openai_port),
+                        help="port of the OpenAI-compatible API started beside tritonserver (default 9000)")
+    parser.add_argument("--no-openai", dest="openai_enabled", action="store_false",
+                        help="do not start the OpenAI-compatible API")
 
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:
@@ -218,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("build-demo-model", help="build the small deterministic demo Llama (both versions)")
     _demo_args(demo)
+    openai_p = sub.add_parser("openai", help="serve the OpenAI-compatible API in front of a running Triton server "
+                              "(trillm or NVIDIA's TensorRT-LLM backend)")
+    openai_options.add_arguments(openai_p)
     serve_p = sub.add_parser("serve", help="render the model repository and run tritonserver on it")
     _serve_args(serve_p)
     serve_p.add_argument("--ready-timeout", type=float, default=600.0)
@@ -242,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build-engine":
             return trtllm_build.run(args)
+        if args.command == "openai":
+            from trillm.openai.server import run as run_openai
+
+            return run_openai(args)
         if args.command == "build-demo-model":
             return run_build_demo_model(args)
         if args.command == "versions":

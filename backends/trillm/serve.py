@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trillm.launcher import LaunchError, ServerOptions, TritonServer
+from trillm.openai.process import OpenAIOptions, OpenAIProcess
 from trillm.templates import render_repository, repository_placeholders
 from trillm.versions import (
     VERSION_PLACEHOLDER,
@@ -63,6 +64,9 @@ class ServeConfig:
     model_control: str = "none"  # or "explicit" (launcher.ServerOptions)
     admin_key: AdminKey | None = None
     extra_args: list[str] = field(default_factory=list)
+    # The OpenAI-compatible server (trillm.openai) beside tritonserver, on the same host.
+    openai_enabled: bool = True
+    openai_port: int = 9000
 
     def checkpoint_of(self, version: int) -> Path:
         return self.version_checkpoints.get(version, self.checkpoint_dir)
@@ -162,6 +166,7 @@ def prepare(config: ServeConfig) -> ServerOptions:
 def serve(config: ServeConfig, ready_timeout: float = 600.0) -> int:
     """Run until Ctrl-C / SIGTERM; returns the process exit code."""
     server = TritonServer(prepare(config))
+    openai: OpenAIProcess | None = None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -177,6 +182,11 @@ def serve(config: ServeConfig, ready_timeout: float = 600.0) -> int:
             flush=True,
         )
         server.wait_ready(ready_timeout)
+        if config.openai_enabled:
+            openai = OpenAIProcess(OpenAIOptions(server.grpc_url, config.host, config.openai_port,
+                                                 log_file=config.work_dir / "openai.log")).start()
+            openai.wait_ready()
+            print(f"trillm: OpenAI API {openai.url}/v1 (log: {openai.options.log_file})", flush=True)
         print(
             f"trillm: ready. HTTP http://{server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}\n"
             f"  try: curl -s -X POST http://{server.http_url}/v2/models/ensemble/generate "
@@ -188,11 +198,18 @@ def serve(config: ServeConfig, ready_timeout: float = 600.0) -> int:
             if server.process.poll() is not None:
                 print(f"trillm: tritonserver exited with {server.process.returncode}:\n{server.log_tail()}")
                 return 1
+            if openai is not None and openai.process.poll() is not None:
+                print(f"trillm: the OpenAI server exited with {openai.process.returncode} "
+                      f"(log: {openai.options.log_file})", flush=True)
+                return 1
         return 0
     except LaunchError as exc:
         print(f"trillm: {exc}", flush=True)
         return 1
     finally:
+        if openai is not None:
+            print("trillm: stopping the OpenAI server (it lets requests in flight finish)", flush=True)
+            openai.stop()
         print("trillm: stopping tritonserver", flush=True)
         server.stop()
 

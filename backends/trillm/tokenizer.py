@@ -120,8 +120,13 @@ def _raise_template_error(message: str):
 
 
 def load_tokenizer(model_dir: str | Path) -> Tokenizer:
-    """The tokenizer of the checkpoint in ``model_dir`` (needs ``tokenizer.json``)."""
+    """The tokenizer of the checkpoint in ``model_dir`` (needs ``tokenizer.json``), or of
+    a ``.gguf`` file (its converted directory, trillm.gguf_checkpoint)."""
     model_dir = Path(model_dir)
+    if model_dir.suffix.lower() == ".gguf":
+        from trillm.gguf_checkpoint import resolve_gguf
+
+        model_dir = resolve_gguf(model_dir)
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(

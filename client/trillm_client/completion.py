@@ -168,6 +168,12 @@ class StreamProgress:
     def itl(self) -> list[float]:
         return [b - a for a, b in pairwise(self.token_times)]
 
+    @property
+    def received(self) -> Sequence:
+        """The streamed sequence so far: its text, and the ``num_output_tokens`` and
+        ``output_log_probs`` of the latest response that carried them (live: it grows)."""
+        return self._builder._state(0).sequence
+
     def _sent(self) -> None:
         self._started = time.perf_counter()
 

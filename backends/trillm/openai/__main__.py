@@ -1,0 +1,5 @@
+import sys
+
+from trillm.openai.server import main
+
+sys.exit(main())
