@@ -14,7 +14,8 @@ Where a fact is stated in several files, the first of these wins:
   token, ``generation_config.json`` id, ``config.json`` id; PAD falls back to
   the end id.
 - EOS: every id of ``generation_config.json`` (it may be a list), then
-  ``config.json``, then the tokenizer's eos token; ``eos_id`` is the first,
+  ``config.json``, then the tokenizer's eos token, then the chat template's
+  end-of-turn token (trillm.chat_template); ``eos_id`` is the first,
   ``eos_ids`` all of them (any of them ends generation).
 - BOS/EOS insertion: an explicit ``add_bos_token`` / ``add_eos_token`` in
   ``tokenizer_config.json`` rebuilds the post-processor, as transformers does;
@@ -38,6 +39,8 @@ import jinja2.ext
 import jinja2.sandbox
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import processors
+
+from trillm.chat_template import end_of_turn_id
 
 # transformers' placeholder for "no limit" (int(1e30)); anything this large is no limit.
 _NO_LIMIT = 10**9
@@ -78,6 +81,11 @@ class Tokenizer:
         self.vocab_size: int = max(backend.get_vocab(with_added_tokens=True).values()) + 1
         probe = backend.encode("a", add_special_tokens=True).ids
         self.add_bos: bool = bos_id is not None and probe[:1] == [bos_id]
+        # A chat turn ends with the template's end-of-turn token (ChatML's <|im_end|>),
+        # which the EOS ids do not always list: it ends generation too.
+        turn_end = end_of_turn_id(self)
+        if turn_end is not None and turn_end not in self.eos_ids:
+            self.eos_ids += (turn_end,)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids

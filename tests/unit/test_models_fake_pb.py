@@ -38,6 +38,9 @@ def _strings(*values) -> np.ndarray:
     return np.array([[v if isinstance(v, bytes) else v.encode() for v in values]], dtype=object)
 
 
+CHAT = json.dumps([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Bonjour 😀"}])
+
+
 def _outputs(response) -> dict:
     assert not response.has_error(), response.error().message()
     return {t.name(): t.as_numpy() for t in response.output_tensors()}
@@ -73,6 +76,22 @@ def test_preprocessing_tokenises_and_packs_word_lists(pre, demo_model_dir):
         ({"QUERY": _strings("word " * 100), "REQUEST_OUTPUT_LEN": np.array([[4]], np.int32)}, "text_input", "maximum input length"),
         ({"QUERY": _strings("hi"), "REQUEST_OUTPUT_LEN": np.array([[4]], np.int32), "END_ID": np.array([[10**6]], np.int32)}, "end_id", "token id"),
         ({"REQUEST_OUTPUT_LEN": np.array([[4]], np.int32)}, "text_input", "required"),
+        ({"stream": np.array([[True]])}, "text_input", "required"),
+        ({"QUERY": _strings("hi")}, "max_tokens", "required"),
+        ({"QUERY": _strings("hi"), "MESSAGES": _strings(CHAT), "REQUEST_OUTPUT_LEN": np.array([[4]], np.int32)},
+         "messages", "not both"),
+        ({"MESSAGES": _strings("[{]"), "REQUEST_OUTPUT_LEN": np.array([[4]], np.int32)}, "messages", "not valid JSON"),
+        ({"MESSAGES": _strings('[{"role": "user"}]'), "REQUEST_OUTPUT_LEN": np.array([[4]], np.int32)},
+         "messages", 'no "content"'),
+        ({"MESSAGES": _strings(b"\xff"), "REQUEST_OUTPUT_LEN": np.array([[4]], np.int32)}, "messages", "UTF-8"),
+        ({"MESSAGES": _strings(json.dumps([{"role": "tool", "content": "x"}])),
+          "REQUEST_OUTPUT_LEN": np.array([[4]], np.int32)}, "messages", "roles must be"),
+        ({"MESSAGES": _strings(json.dumps([{"role": "user", "content": "word " * 100}])),
+          "REQUEST_OUTPUT_LEN": np.array([[4]], np.int32)}, "messages", "maximum input length"),
+        ({"QUERY": _strings("hi"), "REQUEST_OUTPUT_LEN": np.array([[4]], np.int32),
+          "MIN_TOKENS": np.array([[3]], np.int32), "MIN_LENGTH": np.array([[4]], np.int32)}, "min_length", "older name"),
+        ({"QUERY": _strings("hi"), "REQUEST_OUTPUT_LEN": np.array([[4]], np.int32),
+          "MIN_LENGTH": np.array([[-1]], np.int32)}, "min_length", ">= 0"),
     ],
 )
 def test_preprocessing_names_the_bad_input(pre, inputs, name, rule):
@@ -80,6 +99,29 @@ def test_preprocessing_names_the_bad_input(pre, inputs, name, rule):
     assert response.has_error()
     message = response.error().message()
     assert f"'{name}'" in message and rule in message
+
+
+def test_preprocessing_renders_messages_with_the_chat_template(pre, demo_model_dir):
+    tok = load_tokenizer(demo_model_dir)
+    request = pb.InferenceRequest({"MESSAGES": _strings(CHAT), "REQUEST_OUTPUT_LEN": np.array([[5]], dtype=np.int32)})
+    out = _outputs(pre.execute([request])[0])
+    rendered = tok.apply_chat_template(json.loads(CHAT), add_generation_prompt=True)
+    assert rendered.endswith("<|assistant|>\n")
+    # The template decides the special tokens (transformers' apply_chat_template(tokenize=True) does the same).
+    assert out["INPUT_ID"][0].tolist() == tok.encode(rendered, add_special_tokens=False)
+    assert out["OUT_END_ID"].tolist() == [[tok.eos_id]]
+
+
+@pytest.mark.parametrize(
+    "given,expected",
+    [({}, 0), ({"MIN_TOKENS": 3}, 3), ({"MIN_LENGTH": 4}, 4), ({"MIN_TOKENS": 2, "MIN_LENGTH": 2}, 2)],
+)
+def test_min_length_is_min_tokens(pre, given, expected):
+    request = pb.InferenceRequest({
+        "QUERY": _strings("hi"), "REQUEST_OUTPUT_LEN": np.array([[5]], dtype=np.int32),
+        **{name: np.array([[value]], dtype=np.int32) for name, value in given.items()},
+    })
+    assert _outputs(pre.execute([request])[0])["OUT_MIN_TOKENS"].tolist() == [[expected]]
 
 
 def test_a_bad_request_does_not_fail_its_neighbours(pre):

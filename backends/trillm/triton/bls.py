@@ -27,7 +27,7 @@ from trillm.triton.sender import GuardedSender
 from trillm.triton.stop import send_stop
 
 # BLS input -> preprocessing input
-PRE_INPUTS = {user: pre for pre, user in T.PRE_USER_NAMES.items()}
+PRE_INPUTS = {**{user: pre for pre, user in T.PRE_USER_NAMES.items()}, **{n: n for n in T.PRE_SEEN_INPUTS}}
 # preprocessing output -> engine-host input
 PRE_TO_ENGINE = {
     T.PRE_OUT_INPUT_ID: T.ENG_INPUT_IDS,
@@ -37,14 +37,15 @@ PRE_TO_ENGINE = {
     T.PRE_OUT_PAD_ID: T.ENG_PAD_ID,
     T.PRE_OUT_STOP_WORDS: T.ENG_STOP_WORDS,
     T.PRE_OUT_BAD_WORDS: T.ENG_BAD_WORDS,
+    T.PRE_OUT_MIN_TOKENS: T.SAMPLING_INPUTS[T.MIN_TOKENS].name,
 }
-# BLS input passed straight to the engine host
+# BLS input passed straight to the engine host (min_tokens goes through preprocessing)
 DIRECT_INPUTS = {
     T.STREAM: T.ENG_STREAMING,
     T.EXCLUDE_INPUT: T.ENG_EXCLUDE_INPUT,
-    "return_num_input_tokens": "return_num_input_tokens",
-    "return_num_output_tokens": "return_num_output_tokens",
-    **{user: spec.name for user, spec in T.SAMPLING_INPUTS.items()},
+    T.RETURN_NUM_INPUT: T.RETURN_NUM_INPUT,
+    T.RETURN_NUM_OUTPUT: T.RETURN_NUM_OUTPUT,
+    **{user: spec.name for user, spec in T.SAMPLING_INPUTS.items() if user != T.MIN_TOKENS},
 }
 # engine-host output -> postprocessing input
 ENGINE_TO_POST = {

@@ -1,4 +1,9 @@
-"""``preprocessing``: text and word lists in, token ids out (INTERFACE.md)."""
+"""``preprocessing``: text (or a chat) and word lists in, token ids out (INTERFACE.md).
+
+It checks every user-facing input it carries, required ones included (the
+configs declare them optional so that a missing one gets our message, on
+every transport; see trillm.triton.tensors.PRE_USER_NAMES).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from trillm.chat_template import ChatError, parse_messages, render_prompt
 from trillm.tokenizer import load_tokenizer
 from trillm.triton import io
 from trillm.triton import tensors as T
@@ -40,13 +46,15 @@ class PreprocessedRequest:
     stop_words: list[list[int]]
     end_id: int
     pad_id: int
+    min_tokens: int
+    prompt_input: str = T.TEXT_INPUT  # the input the prompt came from: text_input or messages
 
     def validate(self, max_input_len: int, max_model_len: int, vocab_size: int) -> None:
         if not self.input_ids:
-            raise InputError(T.TEXT_INPUT, "must not be empty")
+            raise InputError(self.prompt_input, "must not be empty")
         if len(self.input_ids) > max_input_len:
             raise InputError(
-                T.TEXT_INPUT,
+                self.prompt_input,
                 f"prompt is {len(self.input_ids)} tokens, more than the maximum input length {max_input_len}",
             )
         if self.output_len <= 0:
@@ -85,28 +93,65 @@ class Preprocessor:
                     out.append(ids)
         return out
 
+    def prompt_ids(self, text: str | None, messages: str | None) -> tuple[list[int], str]:
+        """The prompt's token ids and the input they came from (exactly one of the two is given)."""
+        if text is None and messages is None:
+            raise InputError(T.TEXT_INPUT, f"is required: give {T.TEXT_INPUT} (a prompt) or {T.MESSAGES} (a chat)")
+        if text is not None and messages is not None:
+            raise InputError(T.MESSAGES, f"give either {T.TEXT_INPUT} or {T.MESSAGES}, not both")
+        if text is not None:
+            if text == "":
+                raise InputError(T.TEXT_INPUT, "must not be empty")
+            return self.tokenizer.encode(text, add_special_tokens=self.params.add_special_tokens), T.TEXT_INPUT
+        try:
+            prompt = render_prompt(self.tokenizer, parse_messages(messages))
+        except ChatError as exc:
+            raise InputError(T.MESSAGES, str(exc)) from None
+        # The template writes the special tokens it wants (trillm.chat_template).
+        return self.tokenizer.encode(prompt, add_special_tokens=False), T.MESSAGES
+
     def process(
         self,
-        query: str,
-        output_len: int,
+        text: str | None,
+        messages: str | None,
+        output_len: int | None,
         bad_words: list[str],
         stop_words: list[str],
         end_id: int | None,
         pad_id: int | None,
+        min_tokens: int | None = None,
+        min_length: int | None = None,
     ) -> PreprocessedRequest:
-        if query == "":
-            raise InputError(T.TEXT_INPUT, "must not be empty")
+        input_ids, prompt_input = self.prompt_ids(text, messages)
+        if output_len is None:
+            raise InputError(T.MAX_TOKENS, "is required (the number of tokens to generate, > 0)")
         request = PreprocessedRequest(
-            input_ids=self.tokenizer.encode(query, add_special_tokens=self.params.add_special_tokens),
+            input_ids=input_ids,
             output_len=int(output_len),
             bad_words=self.word_ids(bad_words, with_space_variant=True),
             # Stop words are matched on text by the engine host; ids carry the string.
             stop_words=self.word_ids(stop_words, with_space_variant=False),
             end_id=self.tokenizer.eos_id if end_id is None else int(end_id),
             pad_id=self.tokenizer.pad_id if pad_id is None else int(pad_id),
+            min_tokens=reconcile_min_tokens(min_tokens, min_length),
+            prompt_input=prompt_input,
         )
         request.validate(self.max_input_len, self.params.max_model_len, self.tokenizer.vocab_size)
         return request
+
+
+def reconcile_min_tokens(min_tokens: int | None, min_length: int | None) -> int:
+    """min_tokens, given under its own name or its older one, min_length (0 when neither)."""
+    for name, value in ((T.MIN_TOKENS, min_tokens), (T.MIN_LENGTH, min_length)):
+        if value is not None and value < 0:
+            raise InputError(name, f"must be >= 0, got {value}")
+    if min_tokens is not None and min_length is not None and min_tokens != min_length:
+        raise InputError(
+            T.MIN_LENGTH,
+            f"is the older name of {T.MIN_TOKENS}; both were given, with different values "
+            f"({T.MIN_TOKENS}={min_tokens}, {T.MIN_LENGTH}={min_length})",
+        )
+    return next((v for v in (min_tokens, min_length) if v is not None), 0)
 
 
 class TritonPythonModel:
@@ -135,25 +180,32 @@ class TritonPythonModel:
                 pb_utils.Tensor(T.PRE_OUT_STOP_WORDS, io.stack_word_lists([io.to_word_list(r.stop_words) for r in rows])),
                 pb_utils.Tensor(T.PRE_OUT_END_ID, column([r.end_id for r in rows])),
                 pb_utils.Tensor(T.PRE_OUT_PAD_ID, column([r.pad_id for r in rows])),
+                pb_utils.Tensor(T.PRE_OUT_MIN_TOKENS, column([r.min_tokens for r in rows])),
             ]
         )
 
     def _rows(self, request) -> list[PreprocessedRequest]:
-        names = T.PRE_USER_NAMES
-        query = io.required_input(request, T.PRE_QUERY, names[T.PRE_QUERY])
-        output_len = io.required_input(request, T.PRE_OUTPUT_LEN, names[T.PRE_OUTPUT_LEN])
-        bad = io.optional_input(request, T.PRE_BAD_WORDS)
-        stop = io.optional_input(request, T.PRE_STOP_WORDS)
-        end_id = io.optional_input(request, T.PRE_END_ID)
-        pad_id = io.optional_input(request, T.PRE_PAD_ID)
+        inputs = {user: io.optional_input(request, pre) for pre, user in T.PRE_USER_NAMES.items()}
+        prompts = [inputs[T.TEXT_INPUT], inputs[T.MESSAGES]]
+        # No prompt input at all: one row, which process() rejects naming it.
+        batch = next((a.shape[0] for a in prompts if a is not None), 1)
+
+        def text(name: str, row: int) -> str | None:
+            raw = io.row_scalar(inputs[name], row, name)
+            return None if raw is None else io.decode_utf8(raw, name)
+
+        scalar = lambda name, row: io.row_scalar(inputs[name], row, name)  # noqa: E731
         return [
             self.pre.process(
-                query=io.decode_utf8(io.row_scalar(query, i, T.TEXT_INPUT), T.TEXT_INPUT),
-                output_len=io.row_scalar(output_len, i, T.MAX_TOKENS),
-                bad_words=io.string_list(bad, i, T.BAD_WORDS),
-                stop_words=io.string_list(stop, i, T.STOP_WORDS),
-                end_id=io.row_scalar(end_id, i, T.END_ID),
-                pad_id=io.row_scalar(pad_id, i, T.PAD_ID),
+                text=text(T.TEXT_INPUT, i),
+                messages=text(T.MESSAGES, i),
+                output_len=scalar(T.MAX_TOKENS, i),
+                bad_words=io.string_list(inputs[T.BAD_WORDS], i, T.BAD_WORDS),
+                stop_words=io.string_list(inputs[T.STOP_WORDS], i, T.STOP_WORDS),
+                end_id=scalar(T.END_ID, i),
+                pad_id=scalar(T.PAD_ID, i),
+                min_tokens=scalar(T.MIN_TOKENS, i),
+                min_length=scalar(T.MIN_LENGTH, i),
             )
-            for i in range(query.shape[0])
+            for i in range(batch)
         ]

@@ -21,6 +21,9 @@ class Spec:
 
 # --- user-facing inputs of ensemble / tensorrt_llm_bls -------------------
 TEXT_INPUT = "text_input"
+# Ours: a JSON chat rendered with the checkpoint's chat template (trillm.chat_template),
+# instead of text_input.
+MESSAGES = "messages"
 MAX_TOKENS = "max_tokens"
 STREAM = "stream"
 EXCLUDE_INPUT = "exclude_input_in_output"
@@ -28,6 +31,11 @@ BAD_WORDS = "bad_words"
 STOP_WORDS = "stop_words"
 END_ID = "end_id"
 PAD_ID = "pad_id"
+MIN_TOKENS = "min_tokens"
+# The older name of min_tokens, which genai-perf's fixed-length mode sends.
+MIN_LENGTH = "min_length"
+RETURN_NUM_INPUT = "return_num_input_tokens"
+RETURN_NUM_OUTPUT = "return_num_output_tokens"
 
 # Sampling inputs: user-facing name -> (engine-host name, dtype, default).
 SAMPLING_INPUTS: dict[str, Spec] = {
@@ -38,7 +46,7 @@ SAMPLING_INPUTS: dict[str, Spec] = {
     "repetition_penalty": Spec("repetition_penalty", np.float32, 1.0),
     "presence_penalty": Spec("presence_penalty", np.float32, 0.0),
     "frequency_penalty": Spec("frequency_penalty", np.float32, 0.0),
-    "min_tokens": Spec("min_tokens", np.int32, 0),
+    MIN_TOKENS: Spec("min_tokens", np.int32, 0),
     "seed": Spec("seed", np.uint64, None),
     "beam_width": Spec("beam_width", np.int32, 1),
     "num_return_sequences": Spec("num_return_sequences", np.int32, 1),
@@ -47,27 +55,46 @@ SAMPLING_INPUTS: dict[str, Spec] = {
 
 # --- preprocessing -------------------------------------------------------
 PRE_QUERY = "QUERY"
+PRE_MESSAGES = "MESSAGES"
 PRE_OUTPUT_LEN = "REQUEST_OUTPUT_LEN"
 PRE_BAD_WORDS = "BAD_WORDS_DICT"
 PRE_STOP_WORDS = "STOP_WORDS_DICT"
 PRE_END_ID = "END_ID"
 PRE_PAD_ID = "PAD_ID"
+PRE_MIN_TOKENS = "MIN_TOKENS"
+PRE_MIN_LENGTH = "MIN_LENGTH"
 PRE_OUT_INPUT_ID = "INPUT_ID"
 PRE_OUT_INPUT_LEN = "REQUEST_INPUT_LEN"
 PRE_OUT_BAD_WORDS = "BAD_WORDS_IDS"
 PRE_OUT_STOP_WORDS = "STOP_WORDS_IDS"
 PRE_OUT_END_ID = "OUT_END_ID"
 PRE_OUT_PAD_ID = "OUT_PAD_ID"
+PRE_OUT_MIN_TOKENS = "OUT_MIN_TOKENS"
 
-# Which user-facing input each preprocessing input carries (for error messages).
+# Which user-facing input each preprocessing input carries. Every one is
+# optional in the configs, so that a missing input reaches preprocessing and
+# gets our error naming it: a Triton 2.51 ensemble whose required input is
+# missing may answer with an empty final response and no error at all.
 PRE_USER_NAMES = {
     PRE_QUERY: TEXT_INPUT,
+    PRE_MESSAGES: MESSAGES,
     PRE_OUTPUT_LEN: MAX_TOKENS,
     PRE_BAD_WORDS: BAD_WORDS,
     PRE_STOP_WORDS: STOP_WORDS,
     PRE_END_ID: END_ID,
     PRE_PAD_ID: PAD_ID,
+    # min_tokens goes through preprocessing, which reconciles it with min_length.
+    PRE_MIN_TOKENS: MIN_TOKENS,
+    PRE_MIN_LENGTH: MIN_LENGTH,
 }
+# The other user inputs also go to preprocessing, under their own names, only
+# to be there: a Python model with max_batch_size > 0 refuses a request with no
+# inputs ("request has 0 inputs") before our code runs, so a request carrying
+# only these would not get our error naming the prompt and max_tokens it lacks.
+PRE_SEEN_INPUTS = (
+    STREAM, EXCLUDE_INPUT, RETURN_NUM_INPUT, RETURN_NUM_OUTPUT,
+    *(name for name in SAMPLING_INPUTS if name != MIN_TOKENS),
+)
 
 # --- tensorrt_llm (engine host) ------------------------------------------
 ENG_INPUT_IDS = "input_ids"
