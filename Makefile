@@ -54,3 +54,4 @@ clean: ## remove build outputs (keeps .venv)
 include mk/gpu.mk
 include mk/load.mk
 include mk/docker.mk
+include mk/bench.mk

