@@ -16,9 +16,15 @@ TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 
 
 class TritonError(Exception):
-    def __init__(self, msg: str) -> None:
+    UNKNOWN, INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS, CANCELLED = range(8)
+
+    def __init__(self, msg: str, code: int = 0) -> None:
         super().__init__(msg)
         self._msg = msg
+        self._code = code
+
+    def code(self) -> int:
+        return self._code
 
     def message(self) -> str:
         return self._msg

@@ -19,9 +19,10 @@ from typing import Callable, Protocol
 
 from trillm.detokenizer import TextStream, decode_delta
 from trillm.engine.types import FinishReason, GenerationRequest, SamplingParams, StepOutput
-from trillm.triton.errors import InputError
+from trillm.triton.errors import InputError, ServerUnavailable
 
 MAX_RETURN_SEQUENCES = 16
+SHUTTING_DOWN = "server shutting down"
 
 
 class Engine(Protocol):
@@ -131,6 +132,7 @@ class HostResponse:
     finish_reason: str  # "" until the sequence's last response
     final: bool  # the last response of the whole Triton request
     error: str | None = None
+    unavailable: bool = False  # the error is a server fault (UNAVAILABLE), not the request's
 
 
 @dataclass
@@ -160,6 +162,7 @@ class _Call:
     open: int = 0
     cancelled: bool = False
     keys: tuple[str, ...] = ()  # names a stop request can cancel this call by
+    abort_error: str | None = None  # set when the server ends the call (shutdown): its final response's error
 
 
 class GenerationHost:
@@ -186,6 +189,7 @@ class GenerationHost:
         self._by_key: dict[str, _Call] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._drain_deadline: float | None = None  # time.monotonic() after which calls in flight are ended
         self._responder = threading.Thread(target=self._respond_loop, name="trillm-responder", daemon=True)
         self._responder.start()
         self._watcher = threading.Thread(target=self._watch_cancellation, name="trillm-cancel", daemon=True)
@@ -224,6 +228,8 @@ class GenerationHost:
         """Validate every row, then submit them all. Raises InputError before
         anything is submitted, so a bad row fails the whole call cleanly.
         ``keys`` name the call for :meth:`cancel_key`."""
+        if self._drain_deadline is not None or self._stopping.is_set():
+            raise ServerUnavailable(SHUTTING_DOWN + ": not accepting new requests")
         for row in rows:
             row.validate(self.engine.vocab_size, self.engine.max_model_len)
         call = _Call(send=send, is_cancelled=is_cancelled, keys=tuple(k for k in keys if k))
@@ -283,8 +289,30 @@ class GenerationHost:
                 if self._by_key.get(key) is call:
                     del self._by_key[key]
 
+    def drain(self, timeout: float) -> None:
+        """Refuse new calls from now on; calls still running after ``timeout`` seconds end
+        with a "server shutting down" error."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        if self._drain_deadline is None or deadline < self._drain_deadline:
+            self._drain_deadline = deadline
+
+    @property
+    def num_calls(self) -> int:
+        with self._lock:
+            return len(self._calls)
+
+    def abort_all(self, error: str) -> None:
+        """End every call in flight with ``error`` (UNAVAILABLE): the server, not the request, failed."""
+        with self._lock:
+            calls = list(self._calls)
+        for call in calls:
+            call.abort_error = error
+            self._cancel(call)
+
     def shutdown(self) -> None:
+        """Stop; calls still in flight end with a "server shutting down" error, never silently."""
         self._stopping.set()
+        self.abort_all(SHUTTING_DOWN + ": the model is being unloaded")
         self.engine.shutdown()
         self._queue.put(None)
         self._responder.join(timeout=10)
@@ -332,7 +360,10 @@ class GenerationHost:
             self._forget(call)
         if call.cancelled:
             if final:
-                call.send(self._empty(seq, reason, final=True))
+                response = self._empty(seq, reason, final=True)
+                if call.abort_error is not None:
+                    response.error, response.unavailable = call.abort_error, True
+                call.send(response)
             return
         if reason is FinishReason.ERROR:
             response = self._empty(seq, reason, final=final)
@@ -430,6 +461,8 @@ class GenerationHost:
         """Poll the clients' cancellation flags; a cancelled call's sequences
         are dropped by the engine within one step."""
         while not self._stopping.wait(period):
+            if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
+                self.abort_all(SHUTTING_DOWN + ": the request did not finish within the drain timeout")
             with self._lock:
                 calls = list(self._calls)
             for call in calls:

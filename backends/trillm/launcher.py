@@ -10,6 +10,8 @@ Two places a tritonserver comes from:
 
 from __future__ import annotations
 
+import ctypes
+import math
 import os
 import shlex
 import shutil
@@ -26,6 +28,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from trillm.triton.lifecycle import DRAIN_FILE_ENV, WATCH_PARENT_ENV, write_drain_file
 
 if TYPE_CHECKING:
     from trillm_client.admin import AdminKey
@@ -122,8 +126,12 @@ class ServerOptions:
     grpc_port: int = 8001
     metrics_port: int = 8002
     log_file: Path | None = None
-    # How long shutdown waits for in-flight requests and connections.
-    exit_timeout: int = 30
+    # Graceful stop (SIGTERM): readiness false and new requests refused at once;
+    # requests in flight get this long, then end with "server shutting down".
+    drain_timeout: float = 20.0
+    # tritonserver's own wait for in-flight requests on exit; 0 = drain_timeout + 3
+    # (it must outlast the drain, or tritonserver cuts the streams first).
+    exit_timeout: int = 0
     # "none": every model loads at start and stays; "explicit": the same at
     # start, then the load/unload API (which needs admin_key) changes it.
     model_control: str = "none"
@@ -132,7 +140,17 @@ class ServerOptions:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def drain_file(self) -> Path:
+        return self.work_dir / "drain.json"
+
+    @property
+    def resolved_exit_timeout(self) -> int:
+        return self.exit_timeout or int(math.ceil(self.drain_timeout)) + 3
+
     def validate(self) -> None:
+        if not (isinstance(self.drain_timeout, (int, float)) and 0 <= self.drain_timeout <= 3600):
+            raise LaunchError(f"drain timeout must be in [0, 3600] seconds, got {self.drain_timeout!r}")
         if self.model_control not in MODEL_CONTROL_MODES:
             raise LaunchError(f"model control must be one of {MODEL_CONTROL_MODES}, got {self.model_control!r}")
         if self.model_control == "explicit" and self.admin_key is None:
@@ -187,7 +205,7 @@ class TritonServer:
             "--allow-metrics=true",
             "--exit-on-error=true",
             "--log-info=true",
-            f"--exit-timeout-secs={o.exit_timeout}",
+            f"--exit-timeout-secs={o.resolved_exit_timeout}",
             *control,
             *o.extra_args,
         ]
@@ -212,6 +230,10 @@ class TritonServer:
         # The server has the key on its command line; its models need it nowhere.
         for name in ("TRILLM_ADMIN_KEY", "TRILLM_ADMIN_KEY_FILE"):
             env.pop(name, None)
+        # The models watch for their server's death and for the launcher's drain request (lifecycle.py).
+        self.options.drain_file.unlink(missing_ok=True)
+        env[DRAIN_FILE_ENV] = str(self.options.drain_file)
+        env[WATCH_PARENT_ENV] = "1"
         env.update(self.options.env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
@@ -223,6 +245,7 @@ class TritonServer:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # our Ctrl-C handler, not the terminal's, stops it
+            preexec_fn=_die_with_parent,  # SIGKILL of the launcher must not leave a server behind
         )
         log.close()
         return self
@@ -240,9 +263,10 @@ class TritonServer:
         except OSError:
             return "(no log)"
 
-    def wait_ready(self, timeout: float = 300.0) -> None:
+    def wait_ready(self, timeout: float = 300.0, abort=None) -> None:
+        """Until /v2/health/ready answers 200; ``abort`` (an Event) ends the wait early."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not (abort is not None and abort.is_set()):
             if self.process is not None and self.process.poll() is not None:
                 raise LaunchError(
                     f"tritonserver exited with code {self.process.returncode} during start-up "
@@ -251,24 +275,76 @@ class TritonServer:
             if self.is_ready():
                 return
             time.sleep(0.5)
+        if abort is not None and abort.is_set():
+            return
         raise LaunchError(
             f"tritonserver not ready after {timeout:.0f}s; last lines of {self.log_path}:\n{self.log_tail()}"
         )
 
-    def stop(self, grace: float = 30.0) -> None:
-        """Terminate, then kill if it has not exited after ``grace`` seconds; then its stray stubs."""
+    def stop(self, drain_timeout: float | None = None) -> None:
+        """Graceful stop, as Kubernetes expects it.
+
+        The models are told to drain (lifecycle.py: new requests refused, those
+        still running after ``drain_timeout`` end with "server shutting down"),
+        then tritonserver gets SIGTERM (readiness false at once; it exits when
+        no request is left). Killed if it has not exited 5 s after the drain
+        timeout; then its stray stubs.
+        """
         if self.process is None:
             return
+        drain = self.options.drain_timeout if drain_timeout is None else drain_timeout
         if self.process.poll() is None:
+            write_drain_file(self.options.drain_file, drain)
             try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=grace)
+                os.kill(self.process.pid, signal.SIGTERM)  # not the group: the stubs are tritonserver's to stop
+                self.process.wait(timeout=drain + 5)
             except ProcessLookupError:
                 pass
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+                self.kill()
         self._kill_stray_stubs()
+
+    def kill(self) -> None:
+        """SIGKILL tritonserver and everything in its process group (its stubs); no drain."""
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(timeout=10)
+        self._kill_stray_stubs()
+
+    def stub_processes(self) -> dict[int, tuple[str, str]]:
+        """This server's Python-backend stubs: pid -> (model, version), from their command lines
+        (the stub's first argument is the model's ``<repository>/<model>/<version>/model.py``)."""
+        stubs: dict[int, tuple[str, str]] = {}
+        if self._backend_dir is None or self.process is None:
+            return stubs
+        for pid, argv in self._group_processes():
+            if argv[0].startswith(str(self._backend_dir)) and len(argv) > 1:
+                model_file = Path(argv[1])
+                stubs[pid] = (model_file.parent.parent.name, model_file.parent.name)
+        return stubs
+
+    def model_ready(self, model: str, version: str) -> bool:
+        url = f"http://{self.http_url}/v2/models/{model}/versions/{version}/ready"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _group_processes(self) -> Iterator[tuple[int, list[str]]]:
+        """(pid, argv) of the live processes in the server's process group."""
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            if int(stat[2]) == self.process.pid and stat[0] != "Z" and argv[0]:
+                yield int(proc.name), argv
 
     def _kill_stray_stubs(self) -> None:
         """Kills the Python-backend stubs this server started that outlived it.
@@ -277,26 +353,65 @@ class TritonServer:
         for it forever. Ours are the processes of the server's process group
         running a stub of our backend directory.
         """
-        if self._backend_dir is None:
-            return
-        stub = str(self._backend_dir)
-        for proc in Path("/proc").glob("[0-9]*"):
+        for pid in self.stub_processes():
             try:
-                group = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[2])
-                command = (proc / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
-            except (OSError, ValueError, IndexError):
-                continue
-            if group == self.process.pid and command.startswith(stub):
-                try:
-                    os.kill(int(proc.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def __enter__(self) -> "TritonServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the launcher dies (Linux prctl; elsewhere a no-op).
+
+    The signal fires when the *thread* that started the child exits, so start
+    servers from a thread that lives as long as they should (serve() does, from
+    the main thread).
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class EngineWatchdog:
+    """Finds a model stub that died while tritonserver still calls its model ready.
+
+    tritonserver 2.51 does not restart a crashed Python-backend stub and keeps
+    answering ready for it, while every request fails "Stub process ... is not
+    healthy". A stub that exits because its model was unloaded is no crash:
+    its model is no longer ready (checked twice, 0.3 s apart, to pass the
+    moment of unloading).
+    """
+
+    def __init__(self, server: TritonServer) -> None:
+        self.server = server
+        self.known: dict[int, tuple[str, str]] = {}
+
+    def reset(self) -> None:
+        self.known = self.server.stub_processes()
+
+    def crashed(self) -> str | None:
+        """A description of a crashed stub, or None. Call it periodically."""
+        current = self.server.stub_processes()
+        gone = {pid: mv for pid, mv in self.known.items() if pid not in current}
+        self.known = current
+        for pid, (model, version) in gone.items():
+            if not self.server.model_ready(model, version):
+                continue
+            time.sleep(0.3)
+            respawned = (model, version) in self.server.stub_processes().values()
+            if self.server.model_ready(model, version) and not respawned:
+                return f"the stub of model {model!r} version {version} (pid {pid}) died"
+        return None
 
 
 @contextmanager

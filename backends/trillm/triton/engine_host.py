@@ -21,7 +21,8 @@ from trillm.host import GenerationHost, HostRequest, HostResponse
 from trillm.tokenizer import load_tokenizer
 from trillm.triton import io
 from trillm.triton import tensors as T
-from trillm.triton.errors import ConfigError, InputError
+from trillm.triton.errors import ConfigError, InputError, ServerUnavailable
+from trillm.triton.lifecycle import drain_deadline, watch_parent
 from trillm.triton.metrics import HostMetrics
 from trillm.triton.params import model_parameters, version_dir
 from trillm.triton.sender import GuardedSender
@@ -112,10 +113,16 @@ def parse_rows(request, default_exclude: bool) -> list[HostRequest]:
     return rows
 
 
+def triton_error(message: str, unavailable: bool = False):
+    """A TritonError; UNAVAILABLE (HTTP 503) for a server fault, where this Triton has codes."""
+    code = getattr(pb_utils.TritonError, "UNAVAILABLE", None) if unavailable else None
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
 def to_triton(response: HostResponse, key: int = 0):
     """A HostResponse as the model's output tensors (batch dimension 1)."""
     if response.error is not None:
-        return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(response.error))
+        return pb_utils.InferenceResponse(output_tensors=[], error=triton_error(response.error, response.unavailable))
     ids = np.asarray(response.output_ids, dtype=np.int32).reshape(1, 1, -1)
     one = lambda v, dtype=np.int32: np.asarray([[v]], dtype=dtype)  # noqa: E731
     outputs = [
@@ -137,6 +144,7 @@ def to_triton(response: HostResponse, key: int = 0):
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        watch_parent()
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise ConfigError(
@@ -158,7 +166,11 @@ class TritonPythonModel:
         self._stats_thread.start()
 
     def _publish_stats(self) -> None:
-        while not self._stop.wait(0.25):
+        """Every 0.1 s: the engine's stats into the metrics, and the launcher's drain request to the host."""
+        while not self._stop.wait(0.1):
+            left = drain_deadline()
+            if left is not None:
+                self.host.drain(left)
             try:
                 self.metrics.update(self.host.engine.stats())
             except Exception:  # metrics must never take the model down
@@ -184,6 +196,9 @@ class TritonPythonModel:
                 )
             except InputError as exc:
                 sender.send(io.error_response(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except ServerUnavailable as exc:
+                sender.send(pb_utils.InferenceResponse(output_tensors=[], error=triton_error(str(exc), True)),
+                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
 
     @staticmethod

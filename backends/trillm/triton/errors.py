@@ -14,3 +14,8 @@ class InputError(ValueError):
 
 class ConfigError(ValueError):
     """A model's config.pbtxt parameters are wrong; raised at load time."""
+
+
+class ServerUnavailable(RuntimeError):
+    """The server cannot take or finish the request (shutting down, engine failed): a
+    server fault, reported as UNAVAILABLE (HTTP 503), never as a bad input."""

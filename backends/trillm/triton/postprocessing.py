@@ -17,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 from trillm.detokenizer import decode_delta
 from trillm.tokenizer import load_tokenizer
 from trillm.triton import io
+from trillm.triton.lifecycle import watch_parent
 from trillm.triton import tensors as T
 from trillm.triton.errors import InputError
 from trillm.triton.params import model_parameters
@@ -31,6 +32,7 @@ class PostprocessingParams:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        watch_parent()
         self.params = model_parameters(args, PostprocessingParams)
         self.tokenizer = load_tokenizer(self.params.tokenizer_dir)
         # Pipelines are never mixed: the engine of this call is our own version.
