@@ -141,4 +141,13 @@ def test_missing_tensorrt_llm_names_what_to_install(monkeypatch, checkpoint, tmp
     monkeypatch.setitem(sys.modules, "tensorrt_llm", None)
     assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
-    assert "pip install tensorrt_llm" in err and "nvcr.io/nvidia/tritonserver" in err
+    assert 'pip install "tensorrt_llm>=1.0,<1.3"' in err and "nvcr.io/nvidia/tritonserver" in err
+
+
+def test_a_version_outside_the_supported_range_is_refused_before_building(monkeypatch, checkpoint, tmp_path, capsys):
+    import fake_tensorrt_llm
+
+    fake = fake_tensorrt_llm.install(monkeypatch, version="1.3.0")
+    assert main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "e")]) == 2
+    assert "tensorrt_llm 1.3.0 is installed, but trillm supports tensorrt_llm>=1.0,<1.3" in capsys.readouterr().err
+    assert fake.LLM.instances == []

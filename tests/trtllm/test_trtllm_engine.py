@@ -11,8 +11,9 @@ import pytest
 from trtllm_helpers import ENGINE_MAX_SEQ_LEN, VOCAB_SIZE, Collector, host_params
 
 from trillm.engine.types import FinishReason, GenerationRequest, SamplingParams
-from trillm.triton.errors import ConfigError
+from trillm.triton.errors import ConfigError, InputError
 from trillm.trtllm import create_trtllm_engine
+from trillm.trtllm.outputs import new_log_probs
 from trillm.trtllm.runtime import TrtLlmUnavailable
 
 pytestmark = pytest.mark.unit
@@ -101,18 +102,33 @@ def test_missing_tensorrt_llm_names_what_to_install(monkeypatch, engine_dir):
         create_trtllm_engine(host_params(engine_dir))
     message = str(info.value)
     assert isinstance(info.value, ConfigError)
-    assert "import tensorrt_llm" in message and "pip install tensorrt_llm" in message
+    assert "import tensorrt_llm" in message and 'pip install "tensorrt_llm>=1.0,<1.3"' in message
     assert "nvcr.io/nvidia/tritonserver" in message and "engine_kind 'torch'" in message
 
 
-def test_a_tensorrt_llm_without_the_engine_llm_asks_for_1_0(monkeypatch, engine_dir):
-    import types
+@pytest.mark.parametrize("version", ["1.0.0", "1.0.1rc2", "1.1.0rc5", "1.2.0", "1.2.1+cu128", "1.2.0.post1"])
+def test_versions_in_the_supported_range_load(monkeypatch, engine_dir, version):
+    import fake_tensorrt_llm
 
-    old = types.ModuleType("tensorrt_llm")
-    old.__version__ = "0.9.0"
-    monkeypatch.setitem(sys.modules, "tensorrt_llm", old)
+    fake_tensorrt_llm.install(monkeypatch, version=version)
+    create_trtllm_engine(host_params(engine_dir)).shutdown()
+
+
+@pytest.mark.parametrize("version", ["0.21.0", "1.0.0rc3", "1.3.0rc1", "1.3.0", "2.0.0", "unknown"])
+def test_a_version_outside_the_supported_range_is_refused_naming_the_range(monkeypatch, engine_dir, version):
+    import fake_tensorrt_llm
+
+    fake = fake_tensorrt_llm.install(monkeypatch, version=version)
+    with pytest.raises(TrtLlmUnavailable) as info:
+        create_trtllm_engine(host_params(engine_dir))
+    assert f"tensorrt_llm {version} is installed" in str(info.value)
+    assert "tensorrt_llm>=1.0,<1.3" in str(info.value)
+    assert fake.LLM.instances == []
+
+
+def test_a_supported_version_without_the_engine_llm_names_what_is_missing(fake_trtllm, monkeypatch, engine_dir):
     monkeypatch.setitem(sys.modules, "tensorrt_llm._tensorrt_engine", None)
-    with pytest.raises(TrtLlmUnavailable, match="0.9.0.*1.0 or newer"):
+    with pytest.raises(TrtLlmUnavailable, match="1.2.0 lacks the LLM API.*_tensorrt_engine.LLM"):
         create_trtllm_engine(host_params(engine_dir))
 
 
@@ -160,13 +176,22 @@ def test_without_end_id_generation_runs_to_max_tokens(fake_trtllm, engine):
 
 
 @pytest.mark.parametrize("as_floats", [False, True])
-def test_log_probs_of_the_chosen_tokens_pass_through(fake_trtllm, engine, as_floats):
+@pytest.mark.parametrize("per_response", [False, True])
+def test_log_probs_of_the_chosen_tokens_pass_through(fake_trtllm, engine, as_floats, per_response):
     llm(fake_trtllm).behaviour.logprobs_as_floats = as_floats
+    llm(fake_trtllm).behaviour.logprobs_per_response = per_response
     llm(fake_trtllm).behaviour.tokens_per_step = 3
     c = run(engine, max_tokens=4, return_log_probs=True)
     assert c.log_probs == pytest.approx([-0.51, -0.52, -0.53, -0.54])
     for out in c.outputs:
         assert len(out.log_probs or []) == len(out.token_ids)
+
+
+def test_new_log_probs_take_cumulative_or_per_response_lists_and_refuse_others():
+    assert new_log_probs([-0.1, -0.2, -0.3], 3, [7, 8]) == [-0.2, -0.3]  # every token's so far
+    assert new_log_probs([{7: -0.2}, {8: -0.3}], 3, [7, 8]) == [-0.2, -0.3]  # this response's only
+    with pytest.raises(ValueError, match="1 log-probs for 2 new tokens of 3"):
+        new_log_probs([-0.3], 3, [7, 8])
 
 
 def test_no_log_probs_unless_asked(fake_trtllm, engine):
@@ -180,6 +205,36 @@ def test_the_sampling_params_reach_generate_async(fake_trtllm, engine):
     params = llm(fake_trtllm).requests[0].sampling_params
     assert (params.temperature, params.top_p, params.seed, params.end_id) == (0.5, 0.8, 7, 99)
     assert params._get_bad_words() == [[1], [2, 3]]
+
+
+# -- min_tokens: every end id is held back, none before it -----------------------------------------------------
+@pytest.mark.parametrize("end_ids", [dict(end_id=12), dict(end_id=40, extra_end_ids=(12,))])
+def test_min_tokens_holds_back_end_id_and_the_extra_end_ids_alike(fake_trtllm, engine, end_ids):
+    # The fake prefers 11, 12, 13...: the end token 12 is ruled out at the second step, so 13 comes.
+    held = run(engine, prompt=[10], max_tokens=5, min_tokens=3, **end_ids)
+    assert held.tokens == [11, 13, 14, 15, 16] and held.outputs[-1].finish_reason is FinishReason.LENGTH
+    ends = run(engine, prompt=[10], request_id="r2", max_tokens=5, min_tokens=1, **end_ids)
+    assert ends.tokens == [11] and ends.outputs[-1].finish_reason is FinishReason.END
+
+
+def test_without_min_tokens_the_end_token_may_come_first(fake_trtllm, engine):
+    c = run(engine, prompt=[10], max_tokens=5, end_id=11)
+    assert c.tokens == [] and c.outputs[-1].finish_reason is FinishReason.END
+
+
+def test_a_penalty_this_tensorrt_llm_would_apply_to_the_prompt_is_an_input_error(monkeypatch, engine_dir):
+    import fake_tensorrt_llm
+
+    fake_tensorrt_llm.install(monkeypatch, version="1.1.0")
+    engine = create_trtllm_engine(host_params(engine_dir))
+    try:
+        with pytest.raises(InputError) as info:
+            engine.submit(GenerationRequest("r1", [10], SamplingParams(max_tokens=5, presence_penalty=0.5)),
+                          Collector())
+        assert info.value.input_name == "presence_penalty"
+        assert run(engine, request_id="r2", max_tokens=2, repetition_penalty=1.2).tokens == [11, 12]
+    finally:
+        engine.shutdown()
 
 
 def test_unseeded_requests_get_different_seeds(fake_trtllm, engine):
@@ -225,6 +280,18 @@ def test_cancel_aborts_the_request_and_finishes_it_cancelled(fake_trtllm, engine
     assert len(c.tokens) < 200
 
 
+def test_cancel_does_not_wait_for_tensorrt_llms_own_cancelled_output(fake_trtllm, engine):
+    llm(fake_trtllm).behaviour.step_delay = 0.01
+    llm(fake_trtllm).behaviour.cancel_after_steps = 10**6  # the runtime's CANCELLED would come much later
+    c = Collector()
+    engine.submit(GenerationRequest("r1", [10], SamplingParams(max_tokens=200)), c)
+    assert c.first.wait(5)
+    engine.cancel("r1")
+    assert c.wait().finish_reason is FinishReason.CANCELLED
+    assert_one_final(c)
+    assert run(engine, request_id="r2", max_tokens=2).tokens == [11, 12]
+
+
 def test_cancel_of_an_unknown_or_finished_request_is_a_no_op(fake_trtllm, engine):
     c = run(engine, max_tokens=2)
     engine.cancel("r1")
@@ -234,21 +301,63 @@ def test_cancel_of_an_unknown_or_finished_request_is_a_no_op(fake_trtllm, engine
     assert not llm(fake_trtllm).requests[0].aborted
 
 
-def test_a_runtime_error_finishes_that_request_with_error_and_the_engine_carries_on(fake_trtllm, engine):
+def test_a_request_error_in_the_stream_finishes_that_request_and_the_engine_carries_on(fake_trtllm, engine):
     llm(fake_trtllm).behaviour.fail_after_steps = 2
     c = run(engine, max_tokens=10)
     assert c.outputs[-1].finish_reason is FinishReason.ERROR
-    assert "fake runtime failure" in c.outputs[-1].error
+    assert "fake per-request failure" in c.outputs[-1].error
     assert c.tokens == [11, 12]
     assert_one_final(c)
     llm(fake_trtllm).behaviour.fail_after_steps = None
     assert run(engine, request_id="r2", max_tokens=3).tokens == [11, 12, 13]
 
 
+def test_a_request_the_runtime_refuses_at_submission_finishes_with_error(fake_trtllm, engine):
+    # top_p 0 passes nowhere in the host; sent to the engine directly, the runtime's own check refuses it.
+    c = run(engine, max_tokens=3, temperature=1.0, top_p=0.0)
+    assert c.outputs[-1].finish_reason is FinishReason.ERROR and "topP" in c.outputs[-1].error
+    assert llm(fake_trtllm).requests == []
+    assert run(engine, request_id="r2", max_tokens=2).tokens == [11, 12]
+
+
+def test_an_executor_failure_ends_every_request_in_flight_and_every_later_one(fake_trtllm, engine):
+    llm(fake_trtllm).behaviour.step_delay = 0.01
+    llm(fake_trtllm).behaviour.fatal_after_steps = 3
+    collectors = [Collector(), Collector()]
+    for i, c in enumerate(collectors):
+        engine.submit(GenerationRequest(f"r{i}", [10], SamplingParams(max_tokens=200)), c)
+    for c in collectors:
+        assert c.wait().finish_reason is FinishReason.ERROR
+        assert "TensorRT-LLM stopped" in c.outputs[-1].error and "fake executor failure" in c.outputs[-1].error
+        assert_one_final(c)
+    later = run(engine, request_id="r3", max_tokens=2)
+    assert later.outputs[-1].finish_reason is FinishReason.ERROR and "TensorRT-LLM stopped" in later.outputs[-1].error
+    assert engine.stats()["running"] == 0
+
+
+def test_a_prompt_longer_than_the_engine_takes_is_refused_with_value_error(fake_trtllm, engine):
+    # The engine dir's max_input_len is 200; the runtime would fail the request only from inside its stream.
+    c = Collector()
+    with pytest.raises(ValueError, match="201 tokens, more than this TensorRT-LLM engine takes \\(200"):
+        engine.submit(GenerationRequest("r1", [1] * 201, SamplingParams(max_tokens=10)), c)
+    assert c.outputs == [] and llm(fake_trtllm).requests == []
+
+
+def test_a_prompt_over_the_runtime_max_num_tokens_is_refused_too(fake_trtllm, engine_dir):
+    engine = create_trtllm_engine(host_params(engine_dir, max_num_batched_tokens=128))
+    try:
+        assert engine.max_input_len == 128
+        with pytest.raises(ValueError, match="129 tokens"):
+            engine.submit(GenerationRequest("r1", [1] * 129, SamplingParams(max_tokens=10)), Collector())
+        assert run(engine, prompt=[1] * 128, max_tokens=2).outputs[-1].finish_reason is FinishReason.LENGTH
+    finally:
+        engine.shutdown()
+
+
 def test_a_request_too_long_for_the_engine_is_refused_with_value_error(fake_trtllm, engine):
     c = Collector()
     with pytest.raises(ValueError, match="max_seq_len"):
-        engine.submit(GenerationRequest("r1", [1] * (ENGINE_MAX_SEQ_LEN - 2), SamplingParams(max_tokens=10)), c)
+        engine.submit(GenerationRequest("r1", [1] * 200, SamplingParams(max_tokens=ENGINE_MAX_SEQ_LEN - 199)), c)
     assert c.outputs == [] and engine.stats()["running"] == 0
 
 

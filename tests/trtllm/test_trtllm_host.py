@@ -12,6 +12,7 @@ from trtllm_helpers import host_params
 
 from trillm.host import GenerationHost, HostRequest, HostResponse
 from trillm.tokenizer import load_tokenizer
+from trillm.triton.errors import InputError
 from trillm.triton.engine_host import EngineHostParams
 from trillm.trtllm import create_trtllm_engine
 
@@ -20,8 +21,8 @@ pytestmark = pytest.mark.unit
 PROMPT = [1, 300, 301]
 
 
-@pytest.fixture
-def host(fake_trtllm, demo_model_dir, tmp_path):
+def make_host(demo_model_dir, tmp_path) -> GenerationHost:
+    """The real host on a TensorRT-LLM engine (the fake one installed) for the demo model."""
     vocab_size = json.loads((demo_model_dir / "config.json").read_text())["vocab_size"]
     engine_dir = tmp_path / "engine"
     engine_dir.mkdir()
@@ -31,7 +32,12 @@ def host(fake_trtllm, demo_model_dir, tmp_path):
     }))
     params = EngineHostParams(checkpoint_dir=str(demo_model_dir), engine_kind="tensorrt_llm",
                               engine_dir=str(engine_dir), max_model_len=512)
-    host = GenerationHost(create_trtllm_engine(params), load_tokenizer(str(demo_model_dir)))
+    return GenerationHost(create_trtllm_engine(params), load_tokenizer(str(demo_model_dir)))
+
+
+@pytest.fixture
+def host(fake_trtllm, demo_model_dir, tmp_path):
+    host = make_host(demo_model_dir, tmp_path)
     yield host
     host.shutdown()
 
@@ -104,3 +110,25 @@ def test_a_client_cancel_aborts_the_tensorrt_llm_request(fake_trtllm, host):
         out.append(responses.get(timeout=10))
     assert out[-1].finish_reason == "cancelled"
     assert the_llm(fake_trtllm).requests[0].aborted
+
+
+def test_a_prompt_longer_than_the_engine_takes_is_an_input_error(fake_trtllm, host):
+    with pytest.raises(InputError, match="257 tokens, more than this TensorRT-LLM engine takes"):
+        call(host, HostRequest(input_ids=[300] * 257, max_tokens=4))
+    assert call(host, HostRequest(input_ids=PROMPT, max_tokens=2))[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
+def test_before_1_2_a_penalty_counting_the_prompt_is_an_input_error_naming_it(monkeypatch, demo_model_dir, tmp_path,
+                                                                              name):
+    import fake_tensorrt_llm
+
+    fake_tensorrt_llm.install(monkeypatch, version="1.1.0")
+    host = make_host(demo_model_dir, tmp_path)
+    try:
+        with pytest.raises(InputError, match=f"'{name}': must be 0 on this server"):
+            call(host, HostRequest(input_ids=PROMPT, max_tokens=4, temperature=1.0, **{name: 0.5}))
+        (response,) = call(host, HostRequest(input_ids=PROMPT, max_tokens=4, temperature=1.0))
+        assert response.finish_reason == "length"
+    finally:
+        host.shutdown()

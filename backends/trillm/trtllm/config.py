@@ -6,6 +6,7 @@ What each ``tensorrt_llm`` model parameter means for this engine kind:
 |---|---|
 | engine_dir | the engine (a version's ``engine.json`` pointer overrides it) |
 | max_model_len | capped at the engine's build max_seq_len (0 = that) |
+| (prompt length) | at most the engine's max_input_len and the runtime max_num_tokens (no chunked prefill) |
 | max_num_seqs | runtime max_batch_size, at most the engine's (0 = the engine's) |
 | max_num_batched_tokens | runtime max_num_tokens, at most the engine's (0 = the engine's) |
 | kv_cache_blocks x block_size | KvCacheConfig.max_tokens (0 = TensorRT-LLM's share of free GPU memory) |
@@ -29,6 +30,7 @@ class EngineLimits:
     """What a built engine allows, from its ``config.json``."""
 
     max_seq_len: int
+    max_input_len: int
     max_batch_size: int
     max_num_tokens: int
     vocab_size: int
@@ -41,6 +43,7 @@ class EngineLimits:
             build, pretrained = config["build_config"], config["pretrained_config"]
             return cls(
                 max_seq_len=int(build["max_seq_len"]),
+                max_input_len=int(build["max_input_len"]),
                 max_batch_size=int(build["max_batch_size"]),
                 max_num_tokens=int(build["max_num_tokens"]),
                 vocab_size=int(pretrained["vocab_size"]),
@@ -56,6 +59,7 @@ class EngineLimits:
 class TrtLlmConfig:
     engine_dir: Path
     max_model_len: int
+    max_input_len: int  # the longest prompt the runtime takes
     vocab_size: int
     max_batch_size: int = 0  # 0 = the engine's
     max_num_tokens: int = 0  # 0 = the engine's
@@ -79,14 +83,17 @@ class TrtLlmConfig:
                 )
             engine_dir = Path(params.engine_dir)
         limits = EngineLimits.read(engine_dir)
+        max_num_tokens = (
+            _capped(params.max_num_batched_tokens, limits.max_num_tokens) if params.max_num_batched_tokens else 0
+        )
         return cls(
             engine_dir=engine_dir,
             max_model_len=_capped(params.max_model_len, limits.max_seq_len),
+            # Without chunked prefill a prompt is one engine step: it must fit max_num_tokens too.
+            max_input_len=min(limits.max_input_len, max_num_tokens or limits.max_num_tokens),
             vocab_size=limits.vocab_size,
             max_batch_size=_capped(params.max_num_seqs, limits.max_batch_size) if params.max_num_seqs else 0,
-            max_num_tokens=(
-                _capped(params.max_num_batched_tokens, limits.max_num_tokens) if params.max_num_batched_tokens else 0
-            ),
+            max_num_tokens=max_num_tokens,
             kv_cache_max_tokens=params.kv_cache_blocks * params.block_size,
             enable_block_reuse=params.enable_prefix_caching,
         )

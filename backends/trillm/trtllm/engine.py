@@ -10,7 +10,15 @@ the loop thread and must not block.
 
 Each request gets exactly one ``finished=True`` StepOutput:
 LENGTH, END (end_id, never included), CANCELLED (sent as soon as ``cancel``
-reaches the loop; the TensorRT-LLM request is aborted) or ERROR (message).
+reaches the loop; the TensorRT-LLM request is aborted, and its own CANCELLED,
+which comes later, is not waited for) or ERROR (message).
+
+Failures, as TensorRT-LLM reports them: a request it refuses at submission
+(``RequestError``, e.g. a sampling value its runtime rejects) or one that
+fails while streaming (``RequestError`` raised from the result stream, or
+outputs we cannot map) ends that request with ERROR and the engine carries
+on. Any other exception from a stream means the executor has shut itself
+down: every request in flight, and every later one, ends with ERROR naming it.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from collections.abc import Callable
 
 from trillm.engine.types import FinishReason, GenerationRequest, StepOutput
 from trillm.trtllm.config import TrtLlmConfig
-from trillm.trtllm.outputs import chosen_log_probs, finish_reason
+from trillm.trtllm.outputs import finish_reason, new_log_probs
 from trillm.trtllm.runtime import TrtLlmApi, load_api
 from trillm.trtllm.sampling import make_sampling_params
 
@@ -51,6 +59,7 @@ class TrtLlmEngine:
     def __init__(self, config: TrtLlmConfig, api: TrtLlmApi | None = None) -> None:
         self.config = config
         self.max_model_len = config.max_model_len
+        self.max_input_len = config.max_input_len
         self.vocab_size = config.vocab_size
         self._api = api or load_api()
         self._llm = self._api.LLM(**config.llm_kwargs(self._api.KvCacheConfig))
@@ -59,14 +68,16 @@ class TrtLlmEngine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._closed = False
+        self._failure: str | None = None  # why the executor stopped, once it has
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="trillm-trtllm-loop", daemon=True)
         self._thread.start()
 
     # -- Engine protocol ---------------------------------------------------
     def submit(self, request: GenerationRequest, on_output: Callable[[StepOutput], None]) -> None:
-        """Start a request. Raises ValueError when TensorRT-LLM refuses it
-        (e.g. too long for the engine); later failures arrive as ERROR."""
+        """Start a request. Raises ValueError when its input breaks a rule of
+        this engine (a prompt longer than it takes, a parameter this
+        TensorRT-LLM cannot honour); every other failure arrives as ERROR."""
         if self._closed:
             raise RuntimeError("the TensorRT-LLM engine is shut down")
         future = asyncio.run_coroutine_threadsafe(self._start(request, on_output), self._loop)
@@ -104,14 +115,24 @@ class TrtLlmEngine:
     async def _start(self, request: GenerationRequest, on_output: Callable[[StepOutput], None]) -> None:
         if request.request_id in self._streams:
             raise ValueError(f"request id {request.request_id!r} is already running")
-        trt_params = make_sampling_params(self._api.SamplingParams, request.params, self._seeds.getrandbits(63))
+        prompt = list(request.prompt_ids)
+        if len(prompt) > self.max_input_len:
+            # The runtime would fail it later, from inside the stream, as if the server were at fault.
+            raise ValueError(
+                f"prompt is {len(prompt)} tokens, more than this TensorRT-LLM engine takes ({self.max_input_len}: "
+                "its max_input_len, and max_num_tokens without chunked prefill)"
+            )
+        trt_params = make_sampling_params(self._api.SamplingParams, request.params, len(prompt),
+                                          self._seeds.getrandbits(64))
+        if self._failure is not None:
+            self._error(request.request_id, on_output, self._failure)
+            return
         try:
-            result = self._llm.generate_async(list(request.prompt_ids), sampling_params=trt_params, streaming=True)
+            result = self._llm.generate_async(prompt, sampling_params=trt_params, streaming=True)
         except ValueError:  # refused (e.g. longer than the engine allows): the host's input error
             raise
-        except Exception as exc:  # the runtime is broken, not the request: say so on this request
-            on_output(StepOutput(request.request_id, [], finished=True, finish_reason=FinishReason.ERROR,
-                                 error=f"TensorRT-LLM: {exc}"))
+        except Exception as exc:  # RequestError (refused by the runtime) or a broken runtime: this request fails
+            self._error(request.request_id, on_output, f"TensorRT-LLM: {exc}")
             return
         stream = _Stream(request=request, on_output=on_output, result=result)
         self._streams[request.request_id] = stream
@@ -126,7 +147,7 @@ class TrtLlmEngine:
                 new = tokens[stream.sent :]
                 log_probs = None
                 if stream.request.params.return_log_probs and new:
-                    log_probs = chosen_log_probs(list(completion.logprobs)[stream.sent :], new)
+                    log_probs = new_log_probs(completion.logprobs, len(tokens), new)
                 stream.sent = len(tokens)
                 if output.finished:
                     reason, error = finish_reason(completion.finish_reason)
@@ -139,9 +160,12 @@ class TrtLlmEngine:
                     self._emit(stream, StepOutput(stream.request.request_id, new, log_probs))
             self._finish(stream, [], None, FinishReason.ERROR, "TensorRT-LLM ended the stream without finishing it")
         except asyncio.CancelledError:
-            pass  # cancelled by _abort, which has already sent CANCELLED
-        except Exception as exc:  # one request's failure never stops the loop
+            pass  # cancelled by _abort or _fail_all, which have already sent the final output
+        except (self._api.RequestError, ValueError) as exc:  # this request failed (there, or its outputs here)
             self._finish(stream, [], None, FinishReason.ERROR, f"TensorRT-LLM: {exc}")
+        except Exception as exc:  # the executor has shut itself down: no stream will move again
+            log.error("TensorRT-LLM stopped: %r", exc)
+            self._fail_all(f"TensorRT-LLM stopped ({type(exc).__name__}: {exc}); reload the model to restart it")
 
     def _abort(self, request_id: str) -> None:
         stream = self._streams.get(request_id)
@@ -158,6 +182,18 @@ class TrtLlmEngine:
     async def _abort_all(self) -> None:
         for request_id in list(self._streams):
             self._abort(request_id)
+
+    def _fail_all(self, error: str) -> None:
+        self._failure = error
+        current = asyncio.current_task()
+        for stream in list(self._streams.values()):
+            self._finish(stream, [], None, FinishReason.ERROR, error)
+            if stream.task is not None and stream.task is not current:
+                stream.task.cancel()
+
+    @staticmethod
+    def _error(request_id: str, on_output: Callable[[StepOutput], None], error: str) -> None:
+        on_output(StepOutput(request_id, [], finished=True, finish_reason=FinishReason.ERROR, error=error))
 
     def _finish(
         self,

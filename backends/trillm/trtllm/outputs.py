@@ -28,6 +28,24 @@ def finish_reason(trt_reason: str | None) -> tuple[FinishReason, str | None]:
     return FinishReason.ERROR, f"TensorRT-LLM finished the request with an unknown reason {trt_reason!r}"
 
 
+def new_log_probs(entries: list[Any], total: int, new: list[int]) -> list[float]:
+    """The log-probs of the ``new`` tokens, the last of the ``total`` tokens streamed so far.
+
+    ``CompletionOutput.logprobs`` holds the log-probs of every token so far
+    when they are the runtime's own, but only those of the latest response
+    when the LLM API computes them from that response's generation logits;
+    either is taken, anything else is an error.
+    """
+    entries = list(entries)
+    if len(entries) >= total:
+        entries = entries[total - len(new) :]
+    elif len(entries) != len(new):
+        raise ValueError(
+            f"TensorRT-LLM returned {len(entries)} log-probs for {len(new)} new tokens of {total} so far"
+        )
+    return chosen_log_probs(entries, new)
+
+
 def chosen_log_probs(entries: list[Any], token_ids: list[int]) -> list[float]:
     """The log-prob of each chosen token.
 
