@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.trillm-installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo-model serve test test-unit test-engine test-server bench clean
+.PHONY: help install demo-model serve test test-unit test-engine test-server test-scale bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -44,6 +44,9 @@ test-engine: $(STAMP) ## CPU engine tests (real torch, no server)
 
 test-server: $(STAMP) ## tests against a real tritonserver on free loopback ports
 	$(PY) -m pytest -m server $(PYTEST_ARGS)
+
+test-scale: $(STAMP) ## two replicas behind nginx (needs Debian's nginx), compose and Kubernetes manifests
+	$(PY) -m pytest tests/scale $(PYTEST_ARGS)
 
 bench: demo-model ## engine and served benchmarks; writes benchmarks/results/latest.json and docs/benchmarks.md
 	$(PY) -m benchmarks.run
