@@ -112,6 +112,15 @@ def test_preprocessing_renders_messages_with_the_chat_template(pre, demo_model_d
     assert out["OUT_END_ID"].tolist() == [[tok.eos_id]]
 
 
+def test_messages_to_a_model_without_a_chat_template_are_named(metaspace_dir):
+    model = preprocessing.TritonPythonModel()
+    model.initialize(_args("preprocessing", tokenizer_dir=metaspace_dir, max_model_len=64))
+    request = pb.InferenceRequest({"MESSAGES": _strings(CHAT), "REQUEST_OUTPUT_LEN": np.array([[5]], dtype=np.int32)})
+    response = model.execute([request])[0]
+    assert response.has_error()
+    assert "input 'messages'" in response.error().message() and "no chat template" in response.error().message()
+
+
 @pytest.mark.parametrize(
     "given,expected",
     [({}, 0), ({"MIN_TOKENS": 3}, 3), ({"MIN_LENGTH": 4}, 4), ({"MIN_TOKENS": 2, "MIN_LENGTH": 2}, 2)],
