@@ -59,8 +59,9 @@ PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = (PAD, BOS, EOS, *ROLE_TOKENS)  # ids 0..5, in this order
 
-# Zephyr/TinyLlama style. No BOS in the template: encoding the rendered text
-# with add_special_tokens=True adds it, as our preprocessing model does.
+# Zephyr/TinyLlama style, ending each turn with EOS (the end-of-turn token,
+# trillm.chat_template). Like Zephyr's it writes no BOS, so a chat prompt has
+# none: preprocessing, like transformers, adds no special tokens to a rendered chat.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
