@@ -153,7 +153,7 @@ class Endpoint:
                      prompt_field: str) -> Response:
         target = resolve_model(req.model, self.settings.model)
         choices = self._choices(req, prompts, req.wants_logprobs)  # type: ignore[attr-defined]
-        events = self.pipeline.run(target, choices, stream=bool(req.stream))
+        events = self.pipeline.run(target, choices)
 
         def failure(exc: TrillmError) -> APIError:
             return api_error(exc, prompt_field, req.limit_field())

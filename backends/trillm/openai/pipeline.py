@@ -2,9 +2,12 @@
 
 One OpenAI request becomes one pipeline request per choice (``n`` times the
 prompts of a completions batch), run concurrently; choice *i* of a prompt is
-seeded ``seed + i``. A choice runs as a stream when the caller streams or
-asks for log probabilities (each response's new tokens then carry the text
-released with them); otherwise as one non-streamed request.
+seeded ``seed + i``. Every choice runs as a pipeline stream, even for an
+unstreamed answer: Triton 2.51 passes a cancellation on to a running
+ensemble only through its streamed responses (postprocessing sees it), so a
+non-streamed ensemble request would run to its end after its client left.
+Streaming also gives each response's new tokens the text released with them
+(the ``token`` of log probs).
 """
 
 from __future__ import annotations
@@ -128,17 +131,11 @@ class Pipeline:
         for client in self._clients.values():
             await client.close()
 
-    async def run(self, target: Target, choices: list[Choice], stream: bool) -> AsyncIterator[Event]:
+    async def run(self, target: Target, choices: list[Choice]) -> AsyncIterator[Event]:
         """Every choice's events as they come; the first failure raises (the rest are cancelled)."""
         client = await self.client(target)
-        runs = [_stream(client, c) if stream or c.logprobs else _generate(client, c) for c in choices]
-        async for event in merge(runs):
+        async for event in merge([_stream(client, c) for c in choices]):
             yield event
-
-
-async def _generate(client: AsyncClient, choice: Choice) -> AsyncIterator[Event]:
-    completion = await client.generate(choice.prompt, choice.max_tokens, **choice.sampling)  # type: ignore[arg-type]
-    yield Finished(choice.index, completion)
 
 
 async def _stream(client: AsyncClient, choice: Choice) -> AsyncIterator[Event]:
