@@ -31,7 +31,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1.0 = off (multiplicative, HF semantics)
     presence_penalty: float = 0.0  # subtracted once per token seen in the output
     frequency_penalty: float = 0.0  # subtracted per occurrence in the output
-    min_tokens: int = 0  # end_id is masked before this many generated tokens
+    min_tokens: int = 0  # every end id (end_id, extra_end_ids) is masked before this many generated tokens
     seed: int | None = None  # same seed + same input = same output
     end_id: int | None = None  # None = never stop on a token
     # More tokens that end generation like end_id (a model's other EOS ids, e.g. Llama 3
