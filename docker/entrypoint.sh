@@ -8,7 +8,8 @@
 #   TRITON_ADMIN_KEY   when set, model control is explicit (load/unload through
 #                      the API, e.g. `trillm rollout`), and only requests carrying
 #                      the header `admin-key: <key>` may use it (docs/versions.md)
-#   HTTP_PORT, GRPC_PORT, METRICS_PORT   read by `trillm serve` itself
+#   HTTP_PORT, GRPC_PORT, METRICS_PORT, OPENAI_PORT   read by `trillm serve` itself
+#                      (OPENAI_PORT: the OpenAI-compatible API, on TRILLM_HOST too)
 set -eu
 
 set -- --host "${TRILLM_HOST:-127.0.0.1}" "$@"
