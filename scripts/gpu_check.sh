@@ -1,54 +1,61 @@
 #!/usr/bin/env bash
-# The GPU check (docs/gpu.md), for a host with an NVIDIA GPU and TensorRT-LLM:
-#   1. build a TensorRT-LLM engine from the demo checkpoint (trillm build-engine);
-#   2. serve it with `trillm serve --engine tensorrt_llm --engine-dir ...` and ask it something;
-#   3. run `pytest -m "server or gpu"` with the test server on that engine
-#      (TRILLM_TEST_ENGINE / TRILLM_TEST_ENGINE_DIR; extra arguments go to pytest).
-# Fails, saying why, where there is no GPU or no tensorrt_llm.
+# The GPU check (docs/gpu.md): one command on a host with an NVIDIA GPU and TensorRT-LLM,
+#   scripts/gpu_check.sh [pytest args]          (`make gpu-check` runs the same)
+# It runs in GPU_PYTHON, the Python that has tensorrt_llm: python3 by default, which is the
+# container's own inside NVIDIA's Triton TensorRT-LLM image and the venv's when one is active.
+# Never .venv: its torch is the CPU build, where tensorrt_llm needs its CUDA one.
+#   0. set-up, once: trillm, trillm_client and the test tools installed into that Python, its torch
+#      kept as it is (pinned); then the tensorrt_llm version is checked (trillm.trtllm.runtime);
+#   1. the demo checkpoint, and a strict float32 engine from it: NVIDIA_TF32_OVERRIDE=0, for the
+#      build and the tests, since TensorRT and cuBLAS would otherwise do float32 maths in TF32;
+#   2. one pytest run, stopping at the first failure: the gpu tests, then the server tests with
+#      the test server on that engine (TRILLM_TEST_ENGINE / TRILLM_TEST_ENGINE_DIR).
+# `scripts/gpu_check.sh --setup` does step 0 only (`make build-engine` uses it).
+# Fails, saying why, where there is no GPU or no usable tensorrt_llm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PY=${PY:-.venv/bin/python}
-TRILLM=${TRILLM:-.venv/bin/trillm}
-CHECKPOINT=${CHECKPOINT:-build/demo-model}
+PY=${GPU_PYTHON:-python3}
 ENGINE_DIR=$(realpath -m "${ENGINE_DIR:-build/gpu-check/engine}")
-WORK=build/gpu-check
-MAX_SEQ_LEN=1024
-MAX_INPUT_LEN=512
 
-nvidia-smi -L || { echo "gpu-check: no usable NVIDIA GPU (nvidia-smi failed)" >&2; exit 1; }
-"$PY" -c "import tensorrt_llm" \
-  || { echo "gpu-check: $PY cannot import tensorrt_llm; see docs/gpu.md" >&2; exit 1; }
-mkdir -p "$WORK"
+fail() { echo "gpu-check: $*" >&2; exit 1; }
 
-echo "== 1. demo checkpoint and engine ($ENGINE_DIR)"
-[ "$CHECKPOINT" != build/demo-model ] || "$TRILLM" build-demo-model
-"$TRILLM" build-engine --checkpoint "$CHECKPOINT" --out "$ENGINE_DIR" --force --dtype float32 \
-  --max-batch-size 16 --max-seq-len "$MAX_SEQ_LEN" --max-input-len "$MAX_INPUT_LEN" --max-num-tokens 2048
+setup() {
+  command -v "$PY" >/dev/null || fail "no $PY here: set GPU_PYTHON to the Python that has tensorrt_llm"
+  "$PY" -c "import tensorrt_llm" >/dev/null 2>&1 || fail "$PY cannot import tensorrt_llm: run this inside \
+NVIDIA's Triton TensorRT-LLM image, or in a venv with tensorrt_llm>=1.0,<1.3 (or set GPU_PYTHON); see docs/gpu.md"
+  if ! "$PY" -c "import sys, pytest, tritonclient, trillm_client, trillm
+sys.exit(not trillm.__file__.startswith('$PWD/backends/'))" 2>/dev/null; then
+    echo "== 0. installing trillm, trillm_client and the test tools into $PY (once)"
+    local keep extras=test
+    keep=$(mktemp)
+    # NVIDIA's torch has a pre-release version that pip would swap for PyPI's: pin what is there.
+    "$PY" -c 'import torch; print("torch==" + torch.__version__)' >"$keep"
+    command -v tritonserver >/dev/null || extras=server,test  # NVIDIA's image has its own tritonserver
+    # A container's system Python is the one its Triton Python backend runs, and ours to install into
+    # (Ubuntu 24.04 based images mark it externally managed).
+    if [ -f /.dockerenv ] || [ -f /run/.containerenv ]; then export PIP_BREAK_SYSTEM_PACKAGES=1; fi
+    "$PY" -m pip install --quiet --constraint "$keep" -e "backends[$extras]" -e client
+    rm -f "$keep"
+  fi
+  "$PY" -c "import sys
+from trillm.trtllm.runtime import TrtLlmUnavailable, load_api
+try:
+    load_api()
+except TrtLlmUnavailable as exc:
+    sys.exit(f'gpu-check: {exc}')" >/dev/null
+}
 
-echo "== 2. trillm serve --engine tensorrt_llm"
-free_port() { "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-HTTP_PORT=$(free_port); GRPC_PORT=$(free_port); METRICS_PORT=$(free_port)
-"$TRILLM" serve --checkpoint "$CHECKPOINT" --engine tensorrt_llm --engine-dir "$ENGINE_DIR" \
-  --work-dir "$WORK/serve" --max-model-len "$MAX_SEQ_LEN" --max-input-len "$MAX_INPUT_LEN" \
-  --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT" >"$WORK/serve.log" 2>&1 &
-SERVER=$!
-stop_server() { kill -TERM "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; }
-trap stop_server EXIT
-for _ in $(seq 600); do
-  curl -sf "http://127.0.0.1:$HTTP_PORT/v2/health/ready" >/dev/null && break
-  kill -0 "$SERVER" 2>/dev/null || { echo "gpu-check: the server exited:" >&2; tail -50 "$WORK/serve.log" >&2; exit 1; }
-  sleep 1
-done
-curl -sf "http://127.0.0.1:$HTTP_PORT/v2/health/ready" >/dev/null \
-  || { echo "gpu-check: the server is not ready after 600 s:" >&2; tail -50 "$WORK/serve.log" >&2; exit 1; }
-ANSWER=$(curl -sf -X POST "http://127.0.0.1:$HTTP_PORT/v2/models/ensemble/generate" \
-  -d '{"text_input": "The capital of France is", "max_tokens": 16}')
-echo "$ANSWER"
-grep -q '"text_output"' <<<"$ANSWER" || { echo "gpu-check: no text_output in the answer" >&2; exit 1; }
-stop_server
-trap - EXIT
+nvidia-smi -L || fail "no usable NVIDIA GPU (nvidia-smi -L failed)"
+setup
+[ "${1:-}" != --setup ] || exit 0
 
-echo "== 3. server and GPU tests on the TensorRT-LLM engine"
+export NVIDIA_TF32_OVERRIDE=0
+echo "== 1. demo checkpoint and strict float32 engine ($ENGINE_DIR)"
+"$PY" -m trillm.cli build-demo-model
+"$PY" -m trillm.cli build-engine --checkpoint build/demo-model --out "$ENGINE_DIR" --force --dtype float32 \
+  --max-batch-size 16 --max-seq-len 1024 --max-input-len 512 --max-num-tokens 2048
+
+echo "== 2. GPU tests, then the server tests on the TensorRT-LLM engine"
 TRILLM_TEST_ENGINE=tensorrt_llm TRILLM_TEST_ENGINE_DIR="$ENGINE_DIR" \
-  "$PY" -m pytest -m "server or gpu" "$@"
+  "$PY" -m pytest -x -m "server or gpu" tests/trtllm/test_gpu.py tests/server "$@"
