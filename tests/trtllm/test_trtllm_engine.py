@@ -64,6 +64,18 @@ def test_llm_is_created_from_the_engine_dir_and_parameters(fake_trtllm, engine_d
         engine.shutdown()
 
 
+def test_runtime_limits_above_the_engines_are_capped_where_tensorrt_llm_would_refuse_them(fake_trtllm, engine_dir):
+    engine = create_trtllm_engine(host_params(engine_dir, max_num_seqs=1000, max_num_batched_tokens=100000))
+    try:
+        kwargs = llm(fake_trtllm).kwargs
+        assert (kwargs["max_batch_size"], kwargs["max_num_tokens"]) == (8, 512)
+        assert engine.max_input_len == 200  # the engine's max_input_len, below its max_num_tokens
+    finally:
+        engine.shutdown()
+    with pytest.raises(ValueError, match="max_batch_size \\[9\\] is greater than build_config.max_batch_size"):
+        fake_trtllm.LLM(model=str(engine_dir), max_batch_size=9)
+
+
 def test_zero_parameters_leave_the_engine_limits(fake_trtllm, engine_dir):
     engine = create_trtllm_engine(host_params(engine_dir, max_model_len=100))
     try:
