@@ -121,6 +121,12 @@ def inference_count(server: TritonServer) -> int:
     return sum(int(n) for n in pattern.findall(text))
 
 
+def passed_on(config: lb.BalancerConfig) -> int:
+    """Requests in nginx's access log that tried more than one replica."""
+    lines = Path(config.log_paths()[1]).read_text().splitlines()
+    return sum(", " in re.search(r"upstream=(\S+(, \S+)*) upstream_status=", line).group(1) for line in lines)
+
+
 def _http(url: str, body: dict | None = None) -> tuple[int, str]:
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
@@ -285,6 +291,8 @@ def test_kill9_of_a_replica_under_load_then_it_rejoins(replicas, balancer, recor
         "failures_end_s_after_kill": sorted(round(o.ended - killed_at, 3) for o in failed),
         "started_after_death": len(after),
         "errors": sorted({o.error[:160] for o in failed}),
+        # Requests nginx passed on to the other replica after the killed one failed them.
+        "passed_on_by_nginx": passed_on(balancer),
     }
     record_property("failover", json.dumps(summary))
     print("failover:", json.dumps(summary, indent=1))
