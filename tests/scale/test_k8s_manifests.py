@@ -139,7 +139,7 @@ def test_service_monitor_hpa_and_pdb_find_the_server(target):
     assert {p["targetPort"] for p in service["spec"]["ports"]} <= set(container_ports)
     assert {"http", "grpc", "metrics", "openai"} <= {p["name"] for p in service["spec"]["ports"]}
     env = _env(container)
-    for name in ("http", "grpc", "metrics"):
+    for name in ("http", "grpc", "metrics", "openai"):
         assert env[f"{name.upper()}_PORT"] == str(container_ports[name]), f"{name}: env and containerPort differ"
     assert env["TRILLM_HOST"] == "0.0.0.0"
     assert _matches(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])

@@ -92,11 +92,13 @@ def test_compose_balancer_points_at_every_replica_port():
     assert replicas == sorted(balancer["depends_on"]), "lb must wait for every replica"
     targets = {lb.Replica.parse(text) for text in
                _compose_defaults(balancer["environment"]["TRILLM_LB_REPLICAS"]).split(",")}
-    ports = {lb.Replica("127.0.0.1", int(_compose_defaults(services[n]["environment"]["HTTP_PORT"])),
-                        int(_compose_defaults(services[n]["environment"]["GRPC_PORT"]))) for n in replicas}
+    kinds = ("HTTP_PORT", "GRPC_PORT", "OPENAI_PORT")
+    ports = {lb.Replica("127.0.0.1", *(int(_compose_defaults(services[n]["environment"][k])) for k in kinds))
+             for n in replicas}
     assert targets == ports
-    own = {_compose_defaults(balancer["environment"][k]) for k in ("HTTP_PORT", "GRPC_PORT")}
-    assert own == {_compose_defaults(services["triton"]["environment"][k]) for k in ("HTTP_PORT", "GRPC_PORT")}
+    # The balancer stands in for the single server: the same ports.
+    own = {_compose_defaults(balancer["environment"][k]) for k in kinds}
+    assert own == {_compose_defaults(services["triton"]["environment"][k]) for k in kinds}
 
 
 @pytest.mark.scale
@@ -112,7 +114,8 @@ def test_image_entrypoint_renders_a_config_nginx_accepts(tmp_path):
     checked = subprocess.run(["sh", str(ENTRYPOINT), "-t"], env=env, capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stderr
     assert "test is successful" in checked.stderr
-    assert "upstream trillm_grpc" in (tmp_path / "nginx.conf").read_text()
+    rendered = (tmp_path / "nginx.conf").read_text()
+    assert "upstream trillm_grpc" in rendered and "upstream trillm_openai" in rendered
 
 
 @pytest.mark.unit
