@@ -157,6 +157,9 @@ def test_echo_returns_the_prompt_first(client):
     echoed = client.completions.create(model="ensemble", prompt=MULTIBYTE, max_tokens=6, temperature=0, echo=True)
     assert echoed.choices[0].text == MULTIBYTE + plain.choices[0].text
     assert echoed.usage == plain.usage
+    streamed = client.completions.create(model="ensemble", prompt=MULTIBYTE, max_tokens=6, temperature=0, echo=True,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == echoed.choices[0].text
 
 
 def test_completion_logprobs_are_the_engines(client, grpc):

@@ -89,10 +89,9 @@ def test_chat_maps_onto_the_pipeline_inputs():
     assert chat(seed=2**64 - 1).seed_of(1) == 0  # uint64 wraps rather than overflows
 
 
-def test_completions_default_to_16_tokens_and_echo():
+def test_completions_default_to_16_tokens():
     req = parse(CompletionRequest, {"model": "m", "prompt": ["a", "b"], "echo": True})
     assert req.limit() == 16 and req.prompts() == ["a", "b"]
-    assert req.sampling()["exclude_input_in_output"] is False
 
 
 def test_model_names():

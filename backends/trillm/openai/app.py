@@ -141,12 +141,14 @@ class Endpoint:
         sampling = req.sampling()
         if logprobs:
             sampling["return_log_probs"] = True
+        echo = bool(getattr(req, "echo", False))
         choices = []
         for p, prompt in enumerate(prompts):
             for i in range(n):
                 seed = req.seed_of(i)
                 choices.append(Choice(p * n + i, prompt, req.limit(),
-                                      {**sampling, "seed": seed} if seed is not None else sampling, logprobs))
+                                      {**sampling, "seed": seed} if seed is not None else sampling, logprobs,
+                                      echo=prompt if echo else ""))
         return choices
 
     async def answer(self, request: Request, req: Sampling, prompts: list[Any], renderer: Renderer,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from trillm_client import AsyncClient, Completion
@@ -31,7 +31,7 @@ from trillm_client.errors import (
 from trillm.openai.protocol import APIError, Target
 
 # The pipeline's input names that an OpenAI field stands for (others keep their name).
-FIELD_OF_INPUT = {"stop_words": "stop", "exclude_input_in_output": "echo"}
+FIELD_OF_INPUT = {"stop_words": "stop"}
 _INPUT_NAME = re.compile(r"(?:input|parameter) '(\w+)'")
 
 
@@ -44,6 +44,9 @@ class Choice:
     max_tokens: int
     sampling: dict[str, Any]
     logprobs: bool = False
+    # Text the answer starts with: the prompt, for completions' echo. The pipeline
+    # streams only generated text (as TensorRT-LLM's does), so it is added here.
+    echo: str = ""
 
 
 @dataclass
@@ -75,9 +78,11 @@ def api_error(exc: TrillmError, prompt_field: str, limit_field: str) -> APIError
     if isinstance(exc, InvalidInputError):
         match = _INPUT_NAME.search(exc.message)
         name = match.group(1) if match else None
-        fields = {"text_input": prompt_field, "messages": prompt_field, "max_tokens": limit_field, **FIELD_OF_INPUT}
+        fields = {"text_input": prompt_field, "messages": prompt_field, "prompt": prompt_field,
+                  "max_tokens": limit_field, **FIELD_OF_INPUT}
         param = fields.get(name, name) if name else None
-        return APIError(400, exc.message, param=param, code="invalid_value")
+        # The OpenAI field first, then the pipeline's own words (which name its input).
+        return APIError(400, f"{param}: {exc.message}" if param else exc.message, param=param, code="invalid_value")
     if isinstance(exc, ModelNotFoundError):
         return APIError(404, exc.message, param="model", code="model_not_found")
     if isinstance(exc, RequestTimeoutError):
@@ -142,6 +147,8 @@ async def _stream(client: AsyncClient, choice: Choice) -> AsyncIterator[Event]:
     tokens: list[str] | None = [] if choice.logprobs else None
     log_probs: list[float] | None = [] if choice.logprobs else None
     async with client.stream(choice.prompt, choice.max_tokens, **choice.sampling) as stream:  # type: ignore[arg-type]
+        if choice.echo:
+            yield Piece(choice.index, choice.echo)
         async for delta in stream:
             piece = Piece(choice.index, delta)
             if tokens is not None and log_probs is not None:
@@ -162,7 +169,8 @@ async def _stream(client: AsyncClient, choice: Choice) -> AsyncIterator[Event]:
         before = "".join(tokens[:-1])
         if tokens and stream.completion.text.startswith(before):
             tokens[-1] = stream.completion.text[len(before):]
-    yield Finished(choice.index, stream.completion, tokens, log_probs)
+    completion = replace(stream.completion, text=choice.echo + stream.completion.text)
+    yield Finished(choice.index, completion, tokens, log_probs)
 
 
 async def merge(runs: list[AsyncIterator[Event]]) -> AsyncIterator[Event]:

@@ -300,12 +300,6 @@ class CompletionRequest(Sampling):
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None
 
-    def sampling(self) -> dict[str, Any]:
-        out = super().sampling()
-        if self.echo:
-            out["exclude_input_in_output"] = False
-        return out
-
 
 @dataclass(frozen=True)
 class Target:
