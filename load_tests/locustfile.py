@@ -7,6 +7,8 @@ User classes (one per transport; pick them by name, or with --class-picker in th
 - ``GrpcStreamUser``: the gRPC stream API with ``stream=true`` (request type ``grpc-stream``).
 - ``HttpStreamUser``: HTTP ``generate_stream``, server-sent events (``http-sse``).
 - ``HttpGenerateUser``: HTTP ``generate``, one JSON answer (``http-generate``; no TTFT/ITL).
+- ``OpenAIStreamUser``: the OpenAI-compatible API (trillm.openai, ``--openai-url``), streamed
+  ``/v1/completions`` with the official ``openai`` client (``openai-sse``); token counts from its usage.
 
 Each request fires one Locust event per measure, so each is its own row in
 Locust's stats, CSV and UI, under the request type of its transport:
@@ -81,7 +83,7 @@ class Run:
         o = environment.parsed_options
         self.environment = environment
         self.options = o
-        for url in (environment.host or "", o.grpc_url):
+        for url in (environment.host or "", o.grpc_url, o.openai_url):
             if url and not o.allow_remote and not is_loopback(url):
                 raise ValueError(f"{url} is not a loopback address; pass --allow-remote to load another machine")
         check_options(o)  # again: the web UI's form may have changed them since start-up
@@ -357,3 +359,52 @@ class HttpGenerateUser(LLMUser):
 
     def send(self, prompt: Prompt, sampling: dict[str, Any], record: RequestRecord) -> Completion:
         return self.client.generate(prompt.text, prompt.max_tokens, **sampling)
+
+
+# The pipeline inputs an OpenAI request can carry: the same name, or OpenAI's own for stop_words.
+OPENAI_FIELDS = {"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"}
+VLLM_FIELDS = {"top_k", "min_tokens", "repetition_penalty"}
+
+
+class OpenAIStreamUser(LLMUser):
+    """Streamed ``/v1/completions`` through the official client; ``--model`` is the model name it asks for."""
+
+    transport = "openai-sse"
+
+    def on_start(self) -> None:
+        import openai  # only this user needs it (the other users run without it)
+
+        o = self.environment.parsed_options
+        self.client = openai.OpenAI(base_url=o.openai_url, api_key=os.environ.get("TRILLM_API_KEY") or "none",
+                                    max_retries=0, timeout=o.request_timeout)
+        self.api_error = openai.APIError
+
+    def send(self, prompt: Prompt, sampling: dict[str, Any], record: RequestRecord) -> Completion:
+        unknown = set(sampling) - OPENAI_FIELDS - VLLM_FIELDS - {"stop_words"}
+        if unknown:
+            raise TrillmError(f"the OpenAI API takes no {', '.join(sorted(unknown))}")
+        # The pipeline samples greedily unless told; OpenAI at temperature 1: ask for the pipeline's default.
+        fields = {"temperature": 0.0, **{k: v for k, v in sampling.items() if k in OPENAI_FIELDS}}
+        if "stop_words" in sampling:
+            fields["stop"] = sampling["stop_words"]
+        extra = {k: v for k, v in sampling.items() if k in VLLM_FIELDS}
+        sent = time.perf_counter()
+        text, times, usage, reason = [], [], None, None
+        try:
+            stream = self.client.completions.create(
+                model=self.environment.parsed_options.model, prompt=prompt.text, max_tokens=prompt.max_tokens,
+                stream=True, stream_options={"include_usage": True}, extra_body=extra, **fields)
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    times.append(time.perf_counter() - sent)
+                    text.append(chunk.choices[0].text)
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    reason = chunk.choices[0].finish_reason
+                usage = chunk.usage or usage
+        except self.api_error as exc:
+            raise TrillmError(f"{type(exc).__name__}: {exc}") from exc
+        record.ttft, record.token_times = (times[0] if times else None), times
+        return Completion(text="".join(text), num_input_tokens=usage and usage.prompt_tokens,
+                          num_output_tokens=usage and usage.completion_tokens, finish_reason=reason,
+                          cum_log_probs=None, output_log_probs=None, model_version="",
+                          latency=time.perf_counter() - sent)

@@ -22,12 +22,17 @@ from load_tests.prompts import LengthDist
 SHAPES = ("constant", "step", "rate")
 ARRIVALS = ("poisson", "uniform")
 # Locust user class of each transport (locustfile.py).
-TRANSPORTS = {"grpc-stream": "GrpcStreamUser", "http-sse": "HttpStreamUser", "http-generate": "HttpGenerateUser"}
+TRANSPORTS = {"grpc-stream": "GrpcStreamUser", "http-sse": "HttpStreamUser", "http-generate": "HttpGenerateUser",
+              "openai-sse": "OpenAIStreamUser"}
 
 
 def default_grpc_url() -> str:
     """The Docker load image passes GRPC_PORT (docker/locust-entrypoint.sh)."""
     return f"127.0.0.1:{os.environ.get('GRPC_PORT') or 8001}"
+
+
+def default_openai_url() -> str:
+    return f"http://127.0.0.1:{os.environ.get('OPENAI_PORT') or 9000}/v1"
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("--grpc-url", default_grpc_url(), "gRPC host:port of the server (--host is its HTTP URL)"),
+    Option("--openai-url", default_openai_url(), "base URL of the OpenAI-compatible API (openai-sse users)"),
     Option("--model", "ensemble", "model to load: ensemble or tensorrt_llm_bls"),
     Option("--input-tokens", "uniform:32:128", "prompt length in tokens: N, uniform:LO:HI or normal:MEAN:STD"),
     Option("--output-tokens", "uniform:16:64", "max_tokens per request: N, uniform:LO:HI or normal:MEAN:STD"),

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from trillm.launcher import LaunchError, TritonServer, free_port
+from trillm.openai.process import OpenAIOptions, OpenAIProcess
 from trillm_client import Client, TrillmError
 
 from load_tests.metrics import read_records
@@ -140,13 +141,21 @@ def server_target(args: argparse.Namespace, out: Path) -> Iterator[Target]:
     server = TritonServer(options)
     print(f"load: starting tritonserver for {checkpoint} (log: {server.log_path})", flush=True)
     server.start()
+    openai = None
     try:
         server.wait_ready(timeout=args.ready_timeout)
+        if "openai-sse" in args.transport:
+            openai = OpenAIProcess(OpenAIOptions(server.grpc_url, port=free_port(), model=args.model,
+                                                 log_file=out / "server" / "openai.log")).start()
+            openai.wait_ready(args.ready_timeout)
+            args.openai_url = f"{openai.url}/v1"
         yield Target(server.http_url, server.grpc_url, {
             "started_here": True, "checkpoint": str(checkpoint), "http_url": server.http_url,
             "grpc_url": server.grpc_url, "metrics_url": server.metrics_url, "log": str(server.log_path),
         })
     finally:
+        if openai is not None:
+            openai.stop()
         print("load: stopping tritonserver", flush=True)
         server.stop(grace=GRACE_S)
 
@@ -159,7 +168,8 @@ def check_urls(args: argparse.Namespace) -> None:
         raise ValueError("--transport grpc-stream needs --grpc-url (or neither URL, to start a server)")
     if needs_http and not args.url:
         raise ValueError("the http transports need --url (or neither URL, to start a server)")
-    for url in filter(None, (args.url, args.grpc_url)):
+    urls = (args.url, args.grpc_url, args.openai_url if "openai-sse" in args.transport else None)
+    for url in filter(None, urls):
         if not args.allow_remote and not is_loopback(url):
             raise ValueError(f"{url} is not a loopback address; pass --allow-remote to load another machine")
 
