@@ -26,6 +26,8 @@ from trillm.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVED_CONCURRENCY = (1, 8, 32, 64)
+# The OpenAI API's rows (the same workload through trillm.openai): its TTFT cost alone, and its throughput loaded.
+OPENAI_CONCURRENCY = (1, 32)
 
 
 def served_workloads(config: bench_engine.BenchConfig, vocab_size: int,
@@ -59,7 +61,16 @@ def ratios(rows: dict[str, dict], roofline: dict) -> dict:
         "batch1_fraction_of_roofline": roofline.get("fraction_of_roofline"),
         "served32_ttft_p99_vs_lone_ttft": ttft_vs_lone(served32, lone, steady=True),
         "served32_burst_ttft_p99_vs_lone_ttft": ttft_vs_lone(served32, lone, steady=False),
+        "openai32_vs_served32": ratio(tok_s("openai_c32"), tok_s("served_c32")),
+        "openai1_ttft_p50_overhead_ms": ttft_overhead_ms(rows.get("openai_c1"), lone),
     }
+
+
+def ttft_overhead_ms(openai: dict | None, grpc: dict | None) -> float | None:
+    """What the OpenAI API adds to a lone request's TTFT p50 (ms), against gRPC on the same workload."""
+    if not openai or not grpc:
+        return None
+    return (openai["ttft_p50_s"] - grpc["ttft_p50_s"]) * 1e3
 
 
 def ttft_vs_lone(loaded: dict | None, lone: dict | None, steady: bool) -> float | None:
@@ -83,6 +94,8 @@ TARGETS = [
     ("served32_vs_engine32", ">= 0.85x", 0.85),
     ("batch1_fraction_of_roofline", ">= 0.60", 0.60),
     ("served32_ttft_p99_vs_lone_ttft", "<= 3x", -3.0),
+    ("openai32_vs_served32", ">= 0.9x", 0.9),
+    ("openai1_ttft_p50_overhead_ms", "<= 10 ms", -10.0),
 ]
 
 
@@ -110,7 +123,8 @@ def markdown(results: dict) -> str:
         "",
         "Workload: fixed seed, prompts of 32-512 tokens, max_tokens 64-256 (no early stop: the demo model",
         "never emits its end token). Served rows: gRPC streaming to `ensemble`, ITL measured between",
-        "streamed text pieces.",
+        "streamed text pieces. openai rows: the same workload, right after the gRPC row of the same",
+        "clients, through the OpenAI-compatible API (streamed `/v1/completions`, trillm.openai).",
         "",
         "TTFT p99 steady: the requests after the first wave (every client's first request leaves together).",
         "",
@@ -144,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-concurrency", type=int, nargs="+",
                         default=list(bench_engine.BenchConfig.engine_concurrencies))
     parser.add_argument("--served-concurrency", type=int, nargs="+", default=list(SERVED_CONCURRENCY))
+    parser.add_argument("--openai-concurrency", type=int, nargs="*", default=list(OPENAI_CONCURRENCY),
+                        help="served concurrencies that also get an OpenAI API row (none: skip them)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "latest.json")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args(argv)
@@ -154,9 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                      skip_hf=args.skip_hf, engine_concurrencies=tuple(args.engine_concurrency))
     results = bench_engine.run(config)
     vocab = load_tokenizer(checkpoint).vocab_size
-    print("served through tritonserver (ensemble, gRPC streaming):", flush=True)
-    for row in bench_served(checkpoint, served_workloads(config, vocab, tuple(args.served_concurrency)), ROOT / "build" / "bench-serve"):
-        row["name"] = f"served_c{row['concurrency']}"
+    print("served through tritonserver (ensemble, gRPC streaming; openai: the OpenAI API in front):", flush=True)
+    for row in bench_served(checkpoint, served_workloads(config, vocab, tuple(args.served_concurrency)),
+                            ROOT / "build" / "bench-serve", tuple(args.openai_concurrency)):
+        row["name"] = f"{'served' if row['path'] == 'grpc' else 'openai'}_c{row['concurrency']}"
         results["rows"].append(row)
     results["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     results["ratios"] = ratios({r["name"]: r for r in results["rows"]}, results.get("batch1_roofline", {}))

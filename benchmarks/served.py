@@ -1,17 +1,24 @@
-"""Benchmark (d): the workload served through tritonserver (`ensemble`, gRPC streaming).
+"""Benchmark (d): the workload served through tritonserver (`ensemble`, gRPC streaming),
+and the same through the OpenAI-compatible API in front of it (trillm.openai,
+streamed ``/v1/completions``), so that the API's cost is a ratio of one run.
 
 N concurrent clients each take requests from one shared queue and stream
 them; per request we record time to first token (first non-empty text),
 the gaps between text pieces (inter-token latency) and the output token
-count the server reports. All traffic goes to a server this process starts
-on free loopback ports, and it is always shut down.
+count the server reports. All traffic goes to servers this process starts
+on free loopback ports, and they are always shut down. The OpenAI client is
+plain http.client with a line reader, as light as the gRPC one, so that the
+rows compare the servers rather than the client libraries.
 """
 
 from __future__ import annotations
 
+import http.client
+import json
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +27,10 @@ import tritonclient.grpc as grpcclient
 
 from benchmarks.bench_engine import latency_row
 from trillm.launcher import TritonServer, free_port
+from trillm.openai.process import OpenAIOptions, OpenAIProcess
 from trillm.serve import ServeConfig, prepare
+
+StreamOne = Callable[[str, str, int], "RequestStats"]
 
 
 @dataclass
@@ -80,8 +90,49 @@ def stream_one(url: str, prompt: str, max_tokens: int, timeout: float = 600.0) -
         client.close()
 
 
-def run_load(url: str, workload: list[tuple[str, int]], concurrency: int) -> dict:
-    """Send ``workload`` (prompt, max_tokens) with ``concurrency`` clients; summarise."""
+def openai_stream_one(url: str, prompt: str, max_tokens: int, timeout: float = 600.0) -> RequestStats:
+    """One streamed ``/v1/completions`` (greedy, as the gRPC rows) to the OpenAI API at ``url`` (host:port)."""
+    host, _, port = url.rpartition(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    stats = RequestStats()
+    body = json.dumps({"model": "ensemble", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True, "stream_options": {"include_usage": True}})
+    try:
+        start = time.perf_counter()
+        connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        if response.status != 200:
+            stats.error = f"HTTP {response.status}: {response.read()[:300]!r}"
+            return stats
+        last = None
+        for line in response:
+            if not line.startswith(b"data: "):
+                continue
+            at = time.perf_counter()
+            if line.startswith(b"data: [DONE]"):
+                stats.e2e = at - start
+                return stats
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                stats.error = str(chunk["error"])
+                return stats
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                if last is None:
+                    stats.ttft = at - start
+                else:
+                    stats.itls.append(at - last)
+                last = at
+            if chunk.get("usage"):
+                stats.output_tokens = chunk["usage"]["completion_tokens"]
+                stats.input_tokens = chunk["usage"]["prompt_tokens"]
+        stats.error = "the stream ended without [DONE]"
+        return stats
+    finally:
+        connection.close()
+
+
+def run_load(url: str, workload: list[tuple[str, int]], concurrency: int, send: StreamOne = stream_one) -> dict:
+    """Send ``workload`` (prompt, max_tokens) with ``concurrency`` clients, each request by ``send``; summarise."""
     todo: queue.Queue = queue.Queue()
     for item in workload:
         todo.put(item)
@@ -95,7 +146,7 @@ def run_load(url: str, workload: list[tuple[str, int]], concurrency: int) -> dic
                 prompt, max_tokens = todo.get_nowait()
             except queue.Empty:
                 return
-            stats = stream_one(url, prompt, max_tokens)
+            stats = send(url, prompt, max_tokens)
             stats.first_wave, first = first, False
             with lock:
                 done.append(stats)
@@ -137,22 +188,37 @@ def start_server(checkpoint: Path, work_dir: Path, max_model_len: int = 1024) ->
 
 
 def bench_served(
-    checkpoint: Path, workloads: dict[int, list[tuple[str, int]]], work_dir: Path = Path("build/bench-serve")
+    checkpoint: Path, workloads: dict[int, list[tuple[str, int]]], work_dir: Path = Path("build/bench-serve"),
+    openai_concurrency: tuple[int, ...] = (),
 ) -> list[dict]:
-    """One server; for each concurrency, its workload. Returns one summary per concurrency."""
+    """One server; for each concurrency, its workload over gRPC (row ``path`` "grpc"), and right after
+    it, for the concurrencies in ``openai_concurrency``, the same workload through the OpenAI API
+    ("openai"), so that drift on a shared machine hits both alike."""
     server = start_server(checkpoint, work_dir)
+    api = None
     try:
         stream_one(server.grpc_url, "warm up", 4)
+        if openai_concurrency:
+            api = OpenAIProcess(OpenAIOptions(server.grpc_url, port=free_port(), log_file=work_dir / "openai.log"))
+            api.start().wait_ready(120)
+            openai_stream_one(api.url.removeprefix("http://"), "warm up", 4)
         rows = []
         for concurrency, workload in workloads.items():
-            row = run_load(server.grpc_url, workload, concurrency)
-            print(
-                f"  served c={concurrency:<3} {row['output_tok_s']:7.1f} tok/s  TTFT p50 {row['ttft_p50_s']:.3f}s "
-                f"p99 {row['ttft_p99_s']:.3f}s  ITL p50 {row['itl_p50_s'] * 1e3:.1f}ms p99 {row['itl_p99_s'] * 1e3:.1f}ms"
-                f"  errors {row['errors']}",
-                flush=True,
-            )
-            rows.append(row)
+            paths: list[tuple[str, str, StreamOne]] = [("grpc", server.grpc_url, stream_one)]
+            if api is not None and concurrency in openai_concurrency:
+                paths.append(("openai", api.url.removeprefix("http://"), openai_stream_one))
+            for path, url, send in paths:
+                row = run_load(url, workload, concurrency, send)
+                row["path"] = path
+                print(
+                    f"  {path:<6} c={concurrency:<3} {row['output_tok_s']:7.1f} tok/s  TTFT p50 "
+                    f"{row['ttft_p50_s']:.3f}s p99 {row['ttft_p99_s']:.3f}s  ITL p50 {row['itl_p50_s'] * 1e3:.1f}ms "
+                    f"p99 {row['itl_p99_s'] * 1e3:.1f}ms  errors {row['errors']}",
+                    flush=True,
+                )
+                rows.append(row)
         return rows
     finally:
+        if api is not None:
+            api.stop()
         server.stop()
