@@ -1,8 +1,10 @@
 """Two real trillm replicas behind a real nginx (Debian's), on loopback.
 
-The nginx config is the one the compose deployment runs (trillm.lb). Traffic
-is trillm_client over HTTP and gRPC through nginx; each replica's own metrics
-port says how much of it reached that replica. The failover test kills one
+A replica is a tritonserver and the OpenAI server beside it, as `trillm serve`
+runs them. The nginx config is the one the compose deployment runs
+(trillm.lb). Traffic is trillm_client over HTTP and gRPC, and the openai
+client, through nginx; each replica's own metrics port says how much of it
+reached that replica. The failover test kills one
 replica's tritonserver with SIGKILL (by pid) under load, counts the requests
 that failed and when, checks that every request started after it died
 succeeded, restarts it on the same ports and waits for nginx to send it
@@ -27,6 +29,7 @@ import pytest
 
 from trillm import lb
 from trillm.launcher import TritonServer, free_port
+from trillm.openai.process import OpenAIOptions, OpenAIProcess
 from trillm.serve import ServeConfig, prepare
 from trillm_client import Client
 
@@ -49,10 +52,12 @@ def _skip_without_nginx() -> None:
 
 
 class Replicas:
-    """The replicas' tritonservers; :meth:`restart` replaces one on the same ports."""
+    """The replicas' tritonservers and OpenAI servers; :meth:`restart` replaces
+    one tritonserver on the same ports (its OpenAI server reconnects)."""
 
-    def __init__(self, servers: list[TritonServer]) -> None:
+    def __init__(self, servers: list[TritonServer], openai: list[OpenAIProcess]) -> None:
         self.servers = servers
+        self.openai = openai
 
     def restart(self, index: int) -> TritonServer:
         old = self.servers[index]
@@ -62,6 +67,8 @@ class Replicas:
         return self.servers[index]
 
     def stop(self) -> None:
+        for process in self.openai:
+            process.stop()
         for server in self.servers:
             server.stop()
 
@@ -86,12 +93,15 @@ def replicas(demo_model_dir, demo_model_v2_dir, tmp_path_factory):
         options = prepare(config)
         options.exit_timeout = 5
         servers.append(TritonServer(options))
-    group = Replicas(servers)
+    openai = [OpenAIProcess(OpenAIOptions(s.grpc_url, s.options.host, free_port(), drain_timeout=5,
+                                          log_file=s.options.work_dir / "openai.log")) for s in servers]
+    group = Replicas(servers, openai)
     try:
         for server in servers:  # both load at once
             server.start()
-        for server in servers:
+        for server, process in zip(servers, openai):
             server.wait_ready(READY_TIMEOUT)
+            process.start().wait_ready()
         yield group
     finally:
         group.stop()
@@ -101,10 +111,12 @@ def replicas(demo_model_dir, demo_model_v2_dir, tmp_path_factory):
 def balancer(replicas, tmp_path_factory):
     work = tmp_path_factory.mktemp("nginx")
     config = lb.BalancerConfig(
-        replicas=[lb.Replica(s.options.host, s.options.http_port, s.options.grpc_port) for s in replicas.servers],
+        replicas=[lb.Replica(s.options.host, s.options.http_port, s.options.grpc_port, o.options.port)
+                  for s, o in zip(replicas.servers, replicas.openai)],
         work_dir=work,
         http_port=free_port(),
         grpc_port=free_port(),
+        openai_port=free_port(),
         fail_timeout=FAIL_TIMEOUT,
         # Workers run as the test's own user, so that they can use its temporary dir.
         user=pwd.getpwuid(os.geteuid()).pw_name if os.geteuid() == 0 else None,
@@ -137,22 +149,35 @@ def _http(url: str, body: dict | None = None) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def _client(config: lb.BalancerConfig, protocol: str) -> Client:
+def _client(config: lb.BalancerConfig, protocol: str):
+    """trillm_client for "http" and "grpc", the openai client for "openai"."""
+    if protocol == "openai":
+        from openai import OpenAI
+
+        # No retries of its own: every failure nginx lets through is counted.
+        return OpenAI(base_url=f"http://{config.listen_host}:{config.openai_port}/v1", api_key="unused",
+                      max_retries=0, timeout=CLIENT_TIMEOUT)
     port = config.http_port if protocol == "http" else config.grpc_port
     return Client(f"{config.listen_host}:{port}", protocol=protocol, timeout=CLIENT_TIMEOUT)
 
 
-def _one_request(client: Client, kind: str, max_tokens: int) -> str:
+def _one_request(client, kind: str, max_tokens: int) -> str:
+    if isinstance(client, Client):
+        if kind == "stream":
+            with client.stream(PROMPT, max_tokens=max_tokens) as stream:
+                return "".join(stream)
+        return client.generate(PROMPT, max_tokens=max_tokens).text
+    answer = client.completions.create(model="ensemble", prompt=PROMPT, max_tokens=max_tokens,
+                                       stream=kind == "stream")
     if kind == "stream":
-        with client.stream(PROMPT, max_tokens=max_tokens) as stream:
-            return "".join(stream)
-    return client.generate(PROMPT, max_tokens=max_tokens).text
+        return "".join(chunk.choices[0].text for chunk in answer if chunk.choices)
+    return answer.choices[0].text
 
 
 def test_traffic_through_nginx_reaches_both_replicas(replicas, balancer):
     before = [inference_count(s) for s in replicas.servers]
     sent = 0
-    for protocol in ("http", "grpc"):
+    for protocol in ("http", "grpc", "openai"):
         with _client(balancer, protocol) as client:
             for kind in ("generate", "stream", "generate", "stream"):
                 assert _one_request(client, kind, 8)
@@ -162,17 +187,27 @@ def test_traffic_through_nginx_reaches_both_replicas(replicas, balancer):
     assert all(n > 0 for n in served), f"least_conn sent {served} requests to the two replicas"
 
 
-def test_streamed_events_pass_nginx_as_they_are_generated(balancer):
-    for protocol in ("http", "grpc"):
-        with _client(balancer, protocol) as client:
-            started = time.monotonic()
-            arrivals = []
-            with client.stream(PROMPT, max_tokens=64, min_tokens=64) as stream:
-                for _ in stream:
-                    arrivals.append(time.monotonic() - started)
-        # Buffered, every event would arrive when the last one does.
-        assert len(arrivals) > 8
-        assert arrivals[0] < arrivals[-1] / 2, f"{protocol}: first event at {arrivals[0]:.3f}s, last {arrivals[-1]:.3f}s"
+def _stream_arrivals(client, max_tokens: int) -> list[float]:
+    """Seconds from sending to each streamed piece of text."""
+    started = time.monotonic()
+    arrivals = []
+    if isinstance(client, Client):
+        with client.stream(PROMPT, max_tokens=max_tokens, min_tokens=max_tokens) as stream:
+            arrivals = [time.monotonic() - started for _ in stream]
+    else:  # the demo model never ends early: max_tokens are generated
+        for chunk in client.completions.create(model="ensemble", prompt=PROMPT, max_tokens=max_tokens, stream=True):
+            if chunk.choices and chunk.choices[0].text:
+                arrivals.append(time.monotonic() - started)
+    return arrivals
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc", "openai"])
+def test_streamed_events_pass_nginx_as_they_are_generated(balancer, protocol):
+    with _client(balancer, protocol) as client:
+        arrivals = _stream_arrivals(client, 64)
+    # Buffered, every event would arrive when the last one does.
+    assert len(arrivals) > 8
+    assert arrivals[0] < arrivals[-1] / 2, f"first event at {arrivals[0]:.3f}s, last at {arrivals[-1]:.3f}s"
 
 
 @pytest.mark.parametrize("path, body", [
@@ -261,7 +296,8 @@ class Load:
 def test_kill9_of_a_replica_under_load_then_it_rejoins(replicas, balancer, record_property):
     load = Load(balancer)
     workers = [threading.Thread(target=load.run, args=args, daemon=True)
-               for args in (("http", "generate"), ("http", "stream"), ("grpc", "stream"), ("grpc", "generate"))]
+               for args in (("http", "generate"), ("http", "stream"), ("grpc", "stream"), ("grpc", "generate"),
+                            ("openai", "stream"))]
     for worker in workers:
         worker.start()
     victim = replicas.servers[1]
