@@ -265,6 +265,8 @@ class GenerationHost:
             for seq in submitted:
                 self.engine.cancel(seq.request_id)
             self._forget(call)
+            if isinstance(exc, InputError):  # the engine named the input itself
+                raise
             raise InputError("text_input", str(exc)) from exc
 
     def cancel_key(self, key: str) -> bool:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trillm.triton.lifecycle import DRAIN_FILE_ENV, WATCH_PARENT_ENV, write_drain_file
+from trillm.triton.lifecycle import DRAIN_FILE_ENV, WATCH_PARENT_ENV, drained_marker, write_drain_file
 
 if TYPE_CHECKING:
     from trillm_client.admin import AdminKey
@@ -284,20 +284,31 @@ class TritonServer:
     def stop(self, drain_timeout: float | None = None) -> None:
         """Graceful stop, as Kubernetes expects it.
 
-        The models are told to drain (lifecycle.py: new requests refused, those
-        still running after ``drain_timeout`` end with "server shutting down"),
-        then tritonserver gets SIGTERM (readiness false at once; it exits when
-        no request is left). Killed if it has not exited 5 s after the drain
+        The engine hosts are told to drain (lifecycle.py: new requests refused
+        at once, those still running after ``drain_timeout`` end with "server
+        shutting down"); when every host reports none left (or the timeout
+        has passed and a second more), tritonserver gets SIGTERM and exits with
+        nothing in flight. Killed if it has not exited 5 s after the drain
         timeout; then its stray stubs.
         """
         if self.process is None:
             return
         drain = self.options.drain_timeout if drain_timeout is None else drain_timeout
         if self.process.poll() is None:
+            started = time.monotonic()
+            hosts = [pid for pid, (model, _) in self.stub_processes().items() if model == "tensorrt_llm"]
+            markers = [drained_marker(self.options.drain_file, pid) for pid in hosts]
+            for marker in markers:
+                marker.unlink(missing_ok=True)
             write_drain_file(self.options.drain_file, drain)
+            while (time.monotonic() - started < drain + 1 and self.process.poll() is None
+                   and not all(m.exists() or not Path(f"/proc/{pid}").exists() for m, pid in zip(markers, hosts))):
+                time.sleep(0.05)
             try:
                 os.kill(self.process.pid, signal.SIGTERM)  # not the group: the stubs are tritonserver's to stop
-                self.process.wait(timeout=drain + 5)
+                # Nothing is left to finish. tritonserver 2.51 still counts an ensemble request whose
+                # step ended with an error as in flight and would wait its whole exit timeout for it.
+                self.process.wait(timeout=POST_DRAIN_EXIT_S)
             except ProcessLookupError:
                 pass
             except subprocess.TimeoutExpired:
@@ -367,6 +378,7 @@ class TritonServer:
 
 
 PR_SET_PDEATHSIG = 1
+POST_DRAIN_EXIT_S = 3.0  # how long tritonserver gets to exit once drained, before SIGKILL
 
 
 def _die_with_parent() -> None:

@@ -56,6 +56,8 @@ class AdminKeyError(TrillmError, PermissionError):
 _NOT_READY = re.compile(r"has no available versions|is not ready|not ready", re.IGNORECASE)
 _NOT_FOUND = re.compile(r"unknown model|is not found|model not found", re.IGNORECASE)
 _CANCELLED = re.compile(r"\bcancel(l)?ed\b", re.IGNORECASE)
+# Server faults a stream reports only as text: our drain and shutdown, a dead model stub.
+_UNAVAILABLE = re.compile(r"server shutting down|is not healthy|server is stopping", re.IGNORECASE)
 # Triton's own input checks ("expected number of inputs ...", "unexpected
 # datatype ...", "Unable to parse 'data' ...") and ours ("input 'top_p': ...").
 _BAD_INPUT = re.compile(
@@ -88,6 +90,8 @@ def classify(message: str, *, http_status: int | None = None, grpc_code: str | N
     """
     code = grpc_code.rsplit(".", 1)[-1] if grpc_code else None
     status: int | str | None = http_status if http_status is not None else code
+    if _UNAVAILABLE.search(message):
+        return UnavailableError(message, status=status)
     if _NOT_READY.search(message):
         return ModelNotReadyError(message, status=status)
     if _NOT_FOUND.search(message):
