@@ -17,7 +17,7 @@ from trillm_client.client import (
 )
 from trillm_client.completion import Completion, CompletionBuilder, ModelInfo, StreamProgress
 from trillm_client.errors import UnavailableError
-from trillm_client.params import Request, build_request
+from trillm_client.params import Prompt, Request, build_request
 
 AsyncCall = AsyncGrpcCall | AsyncHttpCall
 
@@ -102,7 +102,7 @@ class AsyncClient(_Target):
         sse = request.stream or request.num_return_sequences > 1
         return await self._http.open(self.model, self.version, request, sse=sse)
 
-    async def generate(self, prompt: str, max_tokens: int, **sampling: Any) -> Completion:
+    async def generate(self, prompt: Prompt, max_tokens: int, **sampling: Any) -> Completion:
         """See :meth:`trillm_client.Client.generate`. Cancelling the awaiting task cancels the request."""
         request = build_request(prompt, max_tokens, sampling, stream=False, validate=self.validate)
         started = time.perf_counter()
@@ -115,7 +115,7 @@ class AsyncClient(_Target):
             call.cancel()
         return builder.build(latency=time.perf_counter() - started)
 
-    def stream(self, prompt: str, max_tokens: int, **sampling: Any) -> AsyncTextStream:
+    def stream(self, prompt: Prompt, max_tokens: int, **sampling: Any) -> AsyncTextStream:
         """An :class:`AsyncTextStream` of the request (validated now, sent when iterated)."""
         request = stream_request(prompt, max_tokens, sampling, self.validate)
         return AsyncTextStream(lambda: self._open(request), CompletionBuilder(request))

@@ -1,22 +1,13 @@
-"""A conversation rendered as one prompt, client-side.
+"""A conversation kept client-side, sent whole each turn as the ``messages`` input.
 
-The served models take plain text, so a chat is kept here and formatted
-with a simple role-tagged template (the same for every model)::
+The server renders the messages with the model's own chat template (the one it
+was trained with) and generation stops at the template's end-of-turn token, so
+the client adds no role tags or stop words of its own::
 
-    <|system|>
-    You are terse.
-    <|user|>
-    Hi!
-    <|assistant|>
-    Hello.
-    <|user|>
-    What is 2+2?
-    <|assistant|>
-
-Generation continues after the final ``<|assistant|>`` line and stops at the
-next role tag (sent as ``stop_words``, so the tag is not returned). A model
-trained with another chat template will still answer, just less well; a
-server-side chat template is not part of the wire contract.
+    chat = Conversation(system="You are terse.")
+    chat.add("user", "Hi!")
+    reply = client.generate(chat.messages(), max_tokens=64).text
+    chat.add("assistant", reply)
 """
 
 from __future__ import annotations
@@ -24,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 ROLES = ("system", "user", "assistant")
-STOP_WORDS = [f"<|{role}|>" for role in ROLES]
 
 
 @dataclass
@@ -35,19 +25,20 @@ class Message:
 
 @dataclass
 class Conversation:
-    """The turns so far; :meth:`prompt` renders them for the next assistant turn."""
+    """The turns so far; :meth:`messages` is the chat to send for the next assistant turn."""
 
     system: str = ""
-    messages: list[Message] = field(default_factory=list)
+    turns: list[Message] = field(default_factory=list)
 
     def add(self, role: str, content: str) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        self.messages.append(Message(role, content))
+        self.turns.append(Message(role, content))
 
-    def prompt(self) -> str:
-        turns = ([Message("system", self.system)] if self.system else []) + self.messages
-        return "".join(f"<|{m.role}|>\n{m.content}\n" for m in turns) + "<|assistant|>\n"
+    def messages(self) -> list[dict[str, str]]:
+        """The system message (if any) and every turn, as ``{"role", "content"}`` dicts."""
+        turns = ([Message("system", self.system)] if self.system else []) + self.turns
+        return [{"role": m.role, "content": m.content} for m in turns]
 
     def reset(self) -> None:
-        self.messages.clear()
+        self.turns.clear()

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from trillm_client.ab import TrafficSplit, parse_split
-from trillm_client.chat import STOP_WORDS, Conversation
+from trillm_client.chat import Conversation
 from trillm_client.client import DEFAULT_URLS, PROTOCOLS, Client
 from trillm_client.errors import (
     InvalidInputError,
@@ -82,9 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser(
         "chat",
         parents=[server, sampling],
-        help="interactive chat (client-side role-tagged template)",
-        description="Keeps the conversation and renders it as <|system|>/<|user|>/<|assistant|> turns "
-        "(see trillm_client.chat). Commands: /reset, /exit. Ctrl-C stops a reply; Ctrl-D exits.",
+        help="interactive chat (the model's own chat template, on the server)",
+        description="Keeps the conversation and sends it whole each turn as the messages input, which the "
+        "server renders with the model's chat template (see trillm_client.chat). Commands: /reset, /exit. "
+        "Ctrl-C stops a reply; Ctrl-D exits.",
     )
     chat.add_argument("--system", default="", help="system message")
 
@@ -147,7 +148,6 @@ def run_generate(client: Client, args: argparse.Namespace, out: TextIO) -> int:
 def run_chat(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     conversation = Conversation(system=args.system)
     sampling = sampling_kwargs(args)
-    stop_words = STOP_WORDS + sampling.pop("stop_words", [])
     while True:
         try:
             line = input("you> ").strip()
@@ -166,7 +166,7 @@ def run_chat(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         out.write("assistant> ")
         out.flush()
         try:
-            with client.stream(conversation.prompt(), args.max_tokens, stop_words=stop_words, **sampling) as stream:
+            with client.stream(conversation.messages(), args.max_tokens, **sampling) as stream:
                 for delta in stream:
                     out.write(delta)
                     out.flush()
@@ -175,7 +175,7 @@ def run_chat(client: Client, args: argparse.Namespace, out: TextIO) -> int:
             reply = ""
             out.write(" [stopped]")
         except InvalidInputError as exc:
-            conversation.messages.pop()
+            conversation.turns.pop()
             out.write("\n")
             print(f"error: {exc.message}", file=sys.stderr)
             continue

@@ -21,7 +21,7 @@ from trillm_client.errors import (
     UnavailableError,
     classify,
 )
-from trillm_client.params import Request, build_request
+from trillm_client.params import Prompt, Request, build_request
 from trillm_client.transport import GrpcTransport, HttpTransport
 
 PROTOCOLS = ("grpc", "http")
@@ -41,7 +41,7 @@ def check_target(protocol: str, model: str, version: str | int | None) -> str:
     return version
 
 
-def stream_request(prompt: str, max_tokens: int, sampling: dict[str, Any], validate: bool) -> Request:
+def stream_request(prompt: Prompt, max_tokens: int, sampling: dict[str, Any], validate: bool) -> Request:
     """The request of ``stream()``: server streaming on unless the caller says otherwise."""
     request = build_request(prompt, max_tokens, sampling, stream=True, validate=validate)
     if request.num_return_sequences > 1:
@@ -178,6 +178,11 @@ class Client(_Target):
     exercised. Safe to share between threads. Use as a context manager, or
     call :meth:`close`.
 
+    A prompt is text (sent as ``text_input``) or a chat: a list of
+    ``{"role": ..., "content": ...}`` messages, sent as the ``messages`` input
+    and rendered by the server with the model's own chat template
+    (:class:`trillm_client.chat.Conversation` keeps one).
+
     Sampling keyword arguments are the input names of the TensorRT-LLM
     backend (``trillm_client.params.PARAMETERS``): ``temperature``, ``top_k``,
     ``top_p``, ``seed``, ``stop_words``, ``return_log_probs``... A ``None``
@@ -195,8 +200,9 @@ class Client(_Target):
         sse = request.stream or request.num_return_sequences > 1
         return self._http.open(self.model, self.version, request, sse=sse)
 
-    def generate(self, prompt: str, max_tokens: int, **sampling: Any) -> Completion:
-        """Generates up to ``max_tokens`` tokens after ``prompt``; returns the whole :class:`Completion`.
+    def generate(self, prompt: Prompt, max_tokens: int, **sampling: Any) -> Completion:
+        """Generates up to ``max_tokens`` tokens after ``prompt`` (text or a chat); returns the
+        whole :class:`Completion`.
 
         Raises :class:`InvalidInputError` for a bad argument (before sending)
         or an input the server rejects, and the other :mod:`trillm_client.errors`.
@@ -212,7 +218,7 @@ class Client(_Target):
             call.close()  # type: ignore[attr-defined]
         return builder.build(latency=time.perf_counter() - started)
 
-    def stream(self, prompt: str, max_tokens: int, **sampling: Any) -> TextStream:
+    def stream(self, prompt: Prompt, max_tokens: int, **sampling: Any) -> TextStream:
         """Sends the request now (server streaming on) and returns its :class:`TextStream`.
 
         ``with client.stream(...) as s: for delta in s: ...`` cancels the
@@ -224,7 +230,7 @@ class Client(_Target):
 
     def generate_many(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[Prompt],
         max_tokens: int,
         concurrency: int = 8,
         progress: bool = False,

@@ -4,12 +4,17 @@ in one table, and their client-side validation.
 A :class:`Request` holds validated Python values; :meth:`Request.arrays` gives
 the exact tensors (with the leading batch dimension of 1) and
 :meth:`Request.json_payload` the JSON body of HTTP ``generate``.
+
+A prompt is text (sent as ``text_input``) or a chat: a list of
+``{"role", "content"}`` messages, sent as the ``messages`` input (JSON), which
+the server renders with the model's own chat template.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +23,7 @@ import numpy as np
 from trillm_client.errors import InvalidInputError
 
 TEXT_INPUT = "text_input"
+MESSAGES = "messages"
 MAX_TOKENS = "max_tokens"
 STREAM = "stream"
 STOP_WORDS = "stop_words"
@@ -47,7 +53,7 @@ def _in_int32(low: int) -> InputSpec:
 
 
 # Sampling parameters a caller may pass, in INTERFACE.md order. ``text_input``
-# and ``max_tokens`` are the prompt and max_tokens arguments themselves.
+# (or ``messages``) and ``max_tokens`` are the prompt and max_tokens arguments themselves.
 PARAMETERS: dict[str, InputSpec] = {
     STREAM: InputSpec(np.bool_, "bool"),
     "exclude_input_in_output": InputSpec(np.bool_, "bool"),
@@ -69,6 +75,7 @@ PARAMETERS: dict[str, InputSpec] = {
     RETURN_LOG_PROBS: InputSpec(np.bool_, "bool"),
     RETURN_NUM_INPUT_TOKENS: InputSpec(np.bool_, "bool"),
     RETURN_NUM_OUTPUT_TOKENS: InputSpec(np.bool_, "bool"),
+    "min_length": _in_int32(0),  # the older name of min_tokens
 }
 
 # Sent unless the caller says otherwise: Completion counts tokens and infers
@@ -110,11 +117,29 @@ def _coerce(name: str, spec: InputSpec, value: Any, validate: bool) -> Any:
     return number
 
 
+Prompt = str | Sequence[Mapping[str, str]]
+
+
+def _prompt(prompt: Any) -> str | list[dict[str, str]]:
+    """The prompt as text, or as a chat (a list of {"role", "content"} dicts of strings)."""
+    if isinstance(prompt, str):
+        return prompt
+    rule = 'must be a string (sent as text_input) or a non-empty list of {"role", "content"} messages'
+    if not isinstance(prompt, Sequence) or isinstance(prompt, (bytes, bytearray)) or not prompt:
+        raise _fail("prompt", rule, prompt)
+    chat = []
+    for message in prompt:
+        if not isinstance(message, Mapping) or not all(isinstance(message.get(k), str) for k in ("role", "content")):
+            raise _fail("prompt", f"{rule}, each with string role and content", message)
+        chat.append(dict(message))
+    return chat
+
+
 @dataclass
 class Request:
-    """A validated request: the prompt, max_tokens and the sampling inputs to send."""
+    """A validated request: the prompt (text or chat), max_tokens and the sampling inputs to send."""
 
-    prompt: str
+    prompt: str | list[dict[str, str]]
     max_tokens: int
     inputs: dict[str, Any] = field(default_factory=dict)  # PARAMETERS name -> Python value
 
@@ -134,10 +159,17 @@ class Request:
     def stop_words(self) -> list[str]:
         return list(self.inputs.get(STOP_WORDS, []))
 
+    def prompt_input(self) -> tuple[str, str]:
+        """The prompt's input and value: ``text_input`` and the text, or ``messages`` and the chat as JSON."""
+        if isinstance(self.prompt, str):
+            return TEXT_INPUT, self.prompt
+        return MESSAGES, json.dumps(self.prompt, ensure_ascii=False)
+
     def arrays(self) -> dict[str, np.ndarray]:
         """Every input as the tensor to send: shape [1, 1], or [1, n] for word lists."""
+        name, prompt = self.prompt_input()
         out = {
-            TEXT_INPUT: np.array([[self.prompt.encode("utf-8")]], dtype=np.object_),
+            name: np.array([[prompt.encode("utf-8")]], dtype=np.object_),
             MAX_TOKENS: np.array([[self.max_tokens]], dtype=np.int32),
         }
         for name, value in self.inputs.items():
@@ -149,12 +181,14 @@ class Request:
         return out
 
     def json_payload(self) -> dict[str, Any]:
-        """The JSON body of HTTP ``generate`` / ``generate_stream``: inputs as top-level fields."""
-        return {TEXT_INPUT: self.prompt, MAX_TOKENS: self.max_tokens, **self.inputs}
+        """The JSON body of HTTP ``generate`` / ``generate_stream``: inputs as top-level fields
+        (a chat as a string of JSON: ``messages`` is one string tensor)."""
+        name, prompt = self.prompt_input()
+        return {name: prompt, MAX_TOKENS: self.max_tokens, **self.inputs}
 
 
 def build_request(
-    prompt: str,
+    prompt: Prompt,
     max_tokens: int,
     sampling: Mapping[str, Any],
     *,
@@ -174,8 +208,7 @@ def build_request(
             f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
             f"valid parameters: {', '.join(PARAMETERS)}"
         )
-    if not isinstance(prompt, str):
-        raise _fail("prompt", "must be a string", prompt)
+    prompt = _prompt(prompt)
     if isinstance(max_tokens, (bool, np.bool_)) or not isinstance(max_tokens, (int, np.integer)):
         raise _fail(MAX_TOKENS, "must be an integer", max_tokens)
     if validate and not 0 < int(max_tokens) <= INT32_MAX:

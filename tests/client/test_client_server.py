@@ -61,10 +61,13 @@ def wait_until_idle(server, timeout: float = 10.0) -> float | None:
     return value
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def cli_command() -> list[str]:
     script = Path(sys.executable).with_name("trillm-client")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "trillm_client.cli"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout)
+    return [str(script)] if script.exists() else [sys.executable, "-m", "trillm_client.cli"]
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*cli_command(), *args], capture_output=True, text=True, timeout=timeout)
 
 
 def free_port() -> int:
@@ -143,6 +146,27 @@ def test_async_client_matches_the_blocking_one(triton_server, protocol):
             return done.text, "".join(deltas)
 
     assert asyncio.run(main()) == (expected, expected)
+
+
+CHAT = [{"role": "system", "content": "Sois bref."}, {"role": "user", "content": MULTIBYTE}]
+
+
+@pytest.mark.parametrize("model", ["ensemble", "tensorrt_llm_bls"])
+def test_a_chat_whole_and_streamed_on_both_protocols(triton_server, model):
+    texts = {}
+    for protocol in PROTOCOLS:
+        with Client(url_of(triton_server, protocol), protocol=protocol, model=model, timeout=120) as c:
+            texts[f"{protocol} generate"] = c.generate(CHAT, 16).text
+            texts[f"{protocol} stream"] = c.stream(CHAT, 16).text()
+    assert texts["grpc generate"] and len(set(texts.values())) == 1, texts
+    with Client(triton_server.grpc_url) as c:
+        assert c.generate(CHAT[1:], 16).text != texts["grpc generate"], "the system message reaches the model"
+
+
+def test_a_chat_the_template_refuses_is_invalid_input(client):
+    with pytest.raises(InvalidInputError) as err:
+        client.generate([{"role": "tool", "content": "42"}], 4)
+    assert "input 'messages'" in err.value.message and "roles must be" in err.value.message
 
 
 # --- versions and errors ---------------------------------------------------------
@@ -243,6 +267,20 @@ def test_cli_generate(triton_server, served_version, protocol):
     assert as_json.returncode == 0, as_json.stderr
     printed = json.loads(as_json.stdout)
     assert printed["text"] == expected and printed["model_version"] == served_version and printed["num_output_tokens"] <= 8
+
+
+def test_cli_chat_holds_a_conversation(triton_server):
+    script = "Bonjour\nEt ensuite ?\n"
+    run = subprocess.run([*cli_command(), "chat", "--max-tokens", "8", "--url", triton_server.grpc_url, "--system", "S"],
+                         input=script, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    with Client(triton_server.grpc_url) as c:
+        first = c.generate([{"role": "system", "content": "S"}, {"role": "user", "content": "Bonjour"}], 8).text
+        second = c.generate([{"role": "system", "content": "S"}, {"role": "user", "content": "Bonjour"},
+                             {"role": "assistant", "content": first.strip()},
+                             {"role": "user", "content": "Et ensuite ?"}], 8).text
+    # The second turn's answer is the one to the whole conversation so far.
+    assert run.stdout == f"you> assistant> {first}\nyou> assistant> {second}\nyou> \n"
 
 
 def test_cli_models_and_health(triton_server):

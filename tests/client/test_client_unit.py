@@ -128,6 +128,25 @@ def test_max_tokens_and_prompt_types():
         build_request(b"hi", 8, {}, stream=False)
 
 
+@pytest.mark.parametrize(
+    "prompt", [[], [{"role": "user"}], [{"role": "user", "content": 5}], ["hi"], {"role": "user", "content": "x"}]
+)
+def test_a_chat_must_be_messages_with_role_and_content(prompt):
+    with pytest.raises(InvalidInputError, match="prompt': must be a string .* or a non-empty list of"):
+        build_request(prompt, 8, {}, stream=False)
+
+
+def test_a_chat_is_sent_as_the_messages_input():
+    chat = [{"role": "system", "content": "Sois bref."}, {"role": "user", "content": "東京 🙂?"}]
+    request = build_request(chat, 8, {}, stream=False)
+    arrays = request.arrays()
+    assert "text_input" not in arrays and arrays["messages"].shape == (1, 1)
+    assert json.loads(arrays["messages"][0, 0].decode("utf-8")) == chat
+    payload = request.json_payload()
+    assert "text_input" not in payload and json.loads(payload["messages"]) == chat
+    assert "東京" in payload["messages"], "sent as UTF-8, not as JSON escapes"
+
+
 def test_edges_that_are_valid():
     request = build_request("hi", 1, {"top_p": 1.0, "temperature": 0, "seed": 2**64 - 1, "top_k": 0}, stream=False)
     assert request.inputs["seed"] == 2**64 - 1 and request.inputs["temperature"] == 0.0
@@ -213,7 +232,7 @@ def test_every_parameter_has_the_interface_dtype():
         "length_penalty": "FP32", "repetition_penalty": "FP32", "presence_penalty": "FP32",
         "frequency_penalty": "FP32", "min_tokens": "INT32", "seed": "UINT64", "beam_width": "INT32",
         "num_return_sequences": "INT32", "return_log_probs": "BOOL", "return_num_input_tokens": "BOOL",
-        "return_num_output_tokens": "BOOL",
+        "return_num_output_tokens": "BOOL", "min_length": "INT32",
     }
     assert list(PARAMETERS) == list(interface)
     values = {"BOOL": True, "BYTES": ["w"], "INT32": 1, "FP32": 0.5, "UINT64": 1}
@@ -665,16 +684,19 @@ def test_generate_many_is_concurrent(fake_http):
 
 # --- chat and CLI ----------------------------------------------------------------
 
-def test_conversation_template():
+def test_conversation_messages():
     chat = Conversation(system="Be brief.")
     chat.add("user", "Hi")
     chat.add("assistant", "Hello.")
     chat.add("user", "2+2?")
-    assert chat.prompt() == (
-        "<|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\nHello.\n<|user|>\n2+2?\n<|assistant|>\n"
-    )
+    assert chat.messages() == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"},
+    ]
     with pytest.raises(ValueError):
         chat.add("robot", "x")
+    chat.reset()
+    assert chat.messages() == [{"role": "system", "content": "Be brief."}]
 
 
 def test_cli_parses_generate_flags():
@@ -749,12 +771,12 @@ def test_cli_chat_keeps_the_conversation(fake_http, monkeypatch, capsys):
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     fake_http.script = (200, "text/event-stream", sse({"text_output": " Hello!"}))
     assert cli.main(["chat", "--protocol", "http", "--url", fake_http.url, "--system", "S"]) == 0
-    prompts = [body["text_input"] for _, body in fake_http.requests]
-    assert prompts == [
-        "<|system|>\nS\n<|user|>\nHi\n<|assistant|>\n",
-        "<|system|>\nS\n<|user|>\nAgain\n<|assistant|>\n",
+    chats = [json.loads(body["messages"]) for _, body in fake_http.requests]
+    assert chats == [
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}],
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "Again"}],
     ]
-    assert fake_http.requests[0][1]["stop_words"] == ["<|system|>", "<|user|>", "<|assistant|>"]
+    assert not any("text_input" in body or "stop_words" in body for _, body in fake_http.requests)
     assert "assistant>  Hello!" in capsys.readouterr().out
 
 
@@ -770,8 +792,9 @@ def test_cli_chat_second_turn_includes_the_first(fake_http, monkeypatch):
     monkeypatch.setattr("builtins.input", fake_input)
     fake_http.script = (200, "text/event-stream", sse({"text_output": "Yes."}))
     assert cli.main(["chat", "--protocol", "http", "--url", fake_http.url]) == 0
-    second = fake_http.requests[1][1]["text_input"]
-    assert second == "<|user|>\nHi\n<|assistant|>\nYes.\n<|user|>\nMore\n<|assistant|>\n"
+    second = json.loads(fake_http.requests[1][1]["messages"])
+    assert second == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."},
+                      {"role": "user", "content": "More"}]
 
 
 def test_client_is_thread_safe_over_grpc(fake_grpc):
