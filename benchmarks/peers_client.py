@@ -100,7 +100,7 @@ async def stream_openai(session: aiohttp.ClientSession, url: str, model: str, pr
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens,
             "ignore_eos": True, "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
     started = time.perf_counter()
-    last = None
+    last, events = None, 0
     async with session.post(f"{url}/v1/completions", json=body) as response:
         if response.status != 200:
             stats.error = f"HTTP {response.status}: {(await response.text())[:300]}"
@@ -118,6 +118,7 @@ async def stream_openai(session: aiohttp.ClientSession, url: str, model: str, pr
             if event.get("usage"):
                 stats.output_tokens = event["usage"]["completion_tokens"]
                 stats.input_tokens = event["usage"]["prompt_tokens"]
+            events += bool(event.get("choices"))
             if any(choice.get("text") for choice in event.get("choices", [])):
                 now = time.perf_counter()
                 if last is None:
@@ -126,6 +127,8 @@ async def stream_openai(session: aiohttp.ClientSession, url: str, model: str, pr
                     stats.itls.append(now - last)
                 last = now
     stats.e2e = time.perf_counter() - started
+    # A server that reports no usage (llama-server without include_usage support) streams one event per token.
+    stats.output_tokens = stats.output_tokens or events
     return stats
 
 

