@@ -15,6 +15,7 @@ import json
 import sys
 from pathlib import Path
 
+from trillm.engine.config import QUANT_GROUP_SIZES, QUANTIZATIONS
 from trillm.launcher import MODEL_CONTROL_MODES, LaunchError
 from trillm.openai import options as openai_options
 from trillm.serve import ServeConfig, env_port, prepare, serve
@@ -57,6 +58,10 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
         default = getattr(d, name)
         parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=d.quantization,
+                        help="weight-only quantisation of every linear and the LM head, at load (cached under build/quant)")
+    parser.add_argument("--quant-group-size", type=int, choices=QUANT_GROUP_SIZES, default=d.quant_group_size,
+                        help="int4: inputs per scale and zero (default 32, llama.cpp's Q4 block)")
     parser.add_argument("--triton-arg", dest="extra_args", action="append", default=[], metavar="ARG",
                         help="pass ARG on to tritonserver (repeatable), e.g. --triton-arg=--log-verbose=1")
     parser.add_argument("--echo-prompt", dest="default_exclude_input_in_output", action="store_false",

@@ -38,6 +38,8 @@ class ServeConfig:
     engine_kind: str = "torch"
     engine_dir: str = ""
     dtype: str = "float32"
+    quantization: str = "none"  # none, int8, int4: weight-only, every linear and the LM head
+    quant_group_size: int = 32  # int4: inputs per scale and zero (32, 64, 128)
     max_batch_size: int = 64
     max_model_len: int = 0  # 0 = min(max_position_embeddings, 4096)
     max_input_len: int = 0  # 0 = max_model_len - 1
@@ -113,6 +115,8 @@ class ServeConfig:
             "engine_kind": self.engine_kind,
             "engine_dir": self.engine_dir,
             "dtype": self.dtype,
+            "quantization": self.quantization,
+            "quant_group_size": self.quant_group_size,
             "max_batch_size": self.max_batch_size,
             "max_model_len": self.resolved_max_model_len(),
             "max_input_len": self.max_input_len,

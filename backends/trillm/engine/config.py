@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Weight-only quantisation of every linear and the LM head (trillm.engine.quant).
+QUANTIZATIONS = ("none", "int8", "int4")
+QUANT_GROUP_SIZES = (32, 64, 128)
 DEFAULT_MAX_MODEL_LEN = 4096
 KV_CACHE_MEMORY_FRACTION = 0.25  # of MemAvailable after the weights are loaded
 KV_CACHE_MAX_BYTES = 16 << 30
@@ -33,6 +36,11 @@ class EngineConfig:
     block_size: int = 16
     num_threads: int = 0  # torch intra-op threads; 0 = torch default
     enable_prefix_caching: bool = True
+    quantization: str = "none"  # one of QUANTIZATIONS
+    # int4: inputs per scale and zero, one of QUANT_GROUP_SIZES. 32: llama.cpp's Q4_0/Q4_1
+    # block, and the one size that divides every Llama hidden size (SmolLM2's 576 is not a
+    # multiple of 128); 64 is a little faster and less exact (docs/benchmarks.md "Quantisation").
+    quant_group_size: int = 32
 
     def validate(self) -> None:
         """Raise ValueError naming the field and the rule it breaks."""
@@ -60,6 +68,10 @@ class EngineConfig:
             )
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching: must be a bool, got {self.enable_prefix_caching!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization: must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.quant_group_size not in QUANT_GROUP_SIZES or isinstance(self.quant_group_size, bool):
+            raise ValueError(f"quant_group_size: must be one of {QUANT_GROUP_SIZES}, got {self.quant_group_size!r}")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ rows, except attention, which is per sequence (``attention.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,10 @@ class LayerWeights:
 
 class LlamaModel:
     def __init__(self, spec: LlamaSpec, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                 max_positions: int) -> None:
+                 max_positions: int, make_linear: Callable | None = None) -> None:
+        """``make_linear(name, weight, bias)`` builds each matmul (float Linear by default;
+        trillm.engine.quant.LinearBuilder for quantised ones)."""
+        make = make_linear or (lambda name, weight, bias=None: Linear(weight, bias))
         self.spec = spec
         self.dtype = dtype
         take = _Taker(tensors)
@@ -50,23 +54,23 @@ class LlamaModel:
             attn_bias, mlp_bias = spec.attention_bias, spec.mlp_bias
             self.layers.append(LayerWeights(
                 input_norm=take(p + "input_layernorm.weight", (h,)),
-                qkv=Linear(torch.cat(qkv), torch.cat([take(f"{attn}{n}.bias", (shapes[n][0],))
+                qkv=make(f"layers.{i}.qkv", torch.cat(qkv), torch.cat([take(f"{attn}{n}.bias", (shapes[n][0],))
                                                       for n in ("q_proj", "k_proj", "v_proj")]) if attn_bias else None),
-                o=Linear(take(attn + "o_proj.weight", (h, q_out)),
+                o=make(f"layers.{i}.o", take(attn + "o_proj.weight", (h, q_out)),
                          take(attn + "o_proj.bias", (h,)) if attn_bias else None),
                 post_norm=take(p + "post_attention_layernorm.weight", (h,)),
-                gate_up=Linear(torch.cat(gate_up), torch.cat([take(f"{mlp}{n}.bias", (inter,))
+                gate_up=make(f"layers.{i}.gate_up", torch.cat(gate_up), torch.cat([take(f"{mlp}{n}.bias", (inter,))
                                                               for n in ("gate_proj", "up_proj")]) if mlp_bias else None),
-                down=Linear(take(mlp + "down_proj.weight", (h, inter)),
+                down=make(f"layers.{i}.down", take(mlp + "down_proj.weight", (h, inter)),
                             take(mlp + "down_proj.bias", (h,)) if mlp_bias else None),
             ))
             del qkv, gate_up
         self.norm = take("model.norm.weight", (h,))
         if spec.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)  # some checkpoints store the tied copy too
-            self.lm_head = Linear(self.embed)
+            self.lm_head = make("lm_head", self.embed)  # the embedding lookup keeps the float table
         else:
-            self.lm_head = Linear(take("lm_head.weight", (spec.vocab_size, h)))
+            self.lm_head = make("lm_head", take("lm_head.weight", (spec.vocab_size, h)))
         self.cos, self.sin_signed = cos_sin_tables(spec, max_positions, dtype)
         linears = [self.lm_head] + [m for w in self.layers for m in (w.qkv, w.o, w.gate_up, w.down)]
         # Rows per step, and sample rows per LM-head call, are padded to these

@@ -19,12 +19,13 @@ from typing import Callable
 import torch
 
 from trillm.engine.block_manager import BlockManager
-from trillm.engine.checkpoint import TORCH_DTYPES, LlamaSpec, load_tensors, read_config
+from trillm.engine.checkpoint import TORCH_DTYPES, LlamaSpec, load_tensors, read_config, safetensors_files
 from trillm.engine.config import EngineConfig, EngineLimits, resolve_limits
 from trillm.engine.cpu import cpu_info
 from trillm.engine.kv_cache import KVCache
 from trillm.engine.llama import LlamaModel
 from trillm.engine.model_runner import ModelRunner
+from trillm.engine.quant import LinearBuilder, QuantConfig, release_freed_memory, resident_memory_bytes
 from trillm.engine.sampler import sample
 from trillm.engine.scheduler import Scheduler
 from trillm.engine.sequence import Sequence
@@ -57,8 +58,16 @@ class TorchEngine:
         self.config = config
         self.spec = spec
         self.limits: EngineLimits = limits
-        self.model = LlamaModel(spec, tensors, dtype, max_positions=limits.max_model_len)
+        linears = LinearBuilder(QuantConfig(config.quantization, config.quant_group_size), dtype,
+                                safetensors_files(config.checkpoint_dir))
+        self.model = LlamaModel(spec, tensors, dtype, max_positions=limits.max_model_len, make_linear=linears)
         del tensors
+        linears.save()
+        release_freed_memory()
+        self.quantization = {"mode": config.quantization,
+                             "group_size": config.quant_group_size if config.quantization == "int4" else None,
+                             "from_cache": linears.loaded_from_cache,
+                             "weight_bytes": self.model.weight_bytes}
         self.cpu = cpu_info()
         self.kernels = self.model.probe_batch_invariance(limits.max_num_batched_tokens, limits.max_num_seqs)
         self._log_kernel_choice(config.dtype)
@@ -110,6 +119,7 @@ class TorchEngine:
         with self._lock:
             stats = dict(self._snapshot)
             stats["waiting"] += len(self._inbox)
+        stats["resident_memory_bytes"] = resident_memory_bytes()  # read here, not every step
         return stats
 
     def shutdown(self) -> None:
@@ -261,6 +271,7 @@ class TorchEngine:
             "generation_tokens_total": self._generation_tokens_total,
             "preemptions": self.scheduler.num_preemptions,
             "batch_invariant": self.kernels["batch_invariant"],
+            "quantization": self.quantization,
             "kernels": self.kernels,
             "cpu": self.cpu.as_dict(),
         }

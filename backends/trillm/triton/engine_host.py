@@ -37,6 +37,8 @@ class EngineHostParams:
     tokenizer_dir: str = ""  # default: checkpoint_dir
     engine_dir: str = ""  # TensorRT-LLM engine (engine_kind tensorrt_llm)
     dtype: str = "float32"
+    quantization: str = "none"  # none, int8, int4 (trillm.engine.quant)
+    quant_group_size: int = 32
     max_num_seqs: int = 0
     max_model_len: int = 0
     max_num_batched_tokens: int = 0
@@ -65,6 +67,8 @@ def create_engine(params: EngineHostParams, version_dir: str | None = None):
     config = EngineConfig(
         checkpoint_dir=params.checkpoint_dir,
         dtype=params.dtype,
+        quantization=params.quantization,
+        quant_group_size=params.quant_group_size,
         max_num_seqs=params.max_num_seqs,
         max_model_len=params.max_model_len,
         max_num_batched_tokens=params.max_num_batched_tokens,

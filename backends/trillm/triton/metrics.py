@@ -37,6 +37,8 @@ class HostMetrics:
             "kv_blocks_total": make("trillm_kv_blocks_total", G, "KV cache blocks in all"),
             "batch_invariant": make("trillm_batch_invariant", G,
                                     "1 when a request's output does not depend on its batch (probed on this CPU at load)"),
+            "resident_memory_bytes": make("trillm_resident_memory_bytes", G,
+                                           "Resident memory (VmRSS) of the engine's process: weights, KV cache, runtime"),
         }
         self.counters = {
             "prompt_tokens_total": make("trillm_prompt_tokens_total", C, "Prompt tokens processed"),

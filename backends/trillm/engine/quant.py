@@ -1,0 +1,293 @@
+"""Weight-only int8 and int4 linears on torch's CPU kernels, quantised at load and cached on disk.
+
+Formats (what torch's kernels take; ``q`` are the stored integers):
+
+- **int8**, per output channel: ``w = q * scale``, ``q`` in [-127, 127],
+  one scale per row; ``aten._weight_int8pack_mm``.
+- **int4**, per group of ``group_size`` inputs of a row: ``w = (q - 8) * scale
+  + zero``, ``q`` in [0, 15] (asymmetric, llama.cpp's Q4_1 with ``zero = min +
+  8 * scale``); ``aten._weight_int4pack_mm_for_cpu`` on the packing of
+  ``aten._convert_weight_to_int4pack_for_cpu``.
+
+Both kernels take bfloat16 activations and scales: measured on torch 2.13
+(Xeon with AMX, 2 threads), their float32 paths run 10-300x slower than
+float32 oneDNN, their bfloat16 ones 2-5x faster at one row. So a quantised
+matmul rounds its input to bfloat16 and returns its result in the engine's
+dtype; the rest of the model (norms, attention, residuals, embedding) keeps
+the engine's dtype. Scales are chosen, then rounded to bfloat16, and only
+then are the integers chosen against the rounded scales, so the stored grid
+is the grid the error bounds hold for (int8: ``|w - deq| <= scale / 2``;
+int4: ``<= scale / 2`` plus the bfloat16 rounding of the zero).
+
+The kernels need ``in_features`` divisible by the group size (int4) and
+``out_features`` by 16 (int4's packing); a model whose shapes break that is
+refused at load, naming the matrix.
+
+Cache: quantising SmolLM2-135M takes seconds on 2 cores; the integers and
+scales of every linear are written once to ``build/quant/<key>/`` (key: the
+checkpoint's weight files' sha256, the mode, the group size and
+:data:`FORMAT_VERSION`) in a portable layout (int4 as plain nibbles; the
+kernel's packing depends on the CPU's ISA, so it is redone at load).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trillm.engine.config import QUANT_GROUP_SIZES
+from trillm.engine.linear import Linear
+
+INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+KERNEL_DTYPE = torch.bfloat16
+FORMAT_VERSION = 1  # bump when what the cache holds for a checkpoint changes
+
+
+def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:
+    """The smallest bfloat16 >= each float32 element (so a scale never shrinks in rounding)."""
+    rounded = x.to(KERNEL_DTYPE)
+    low = rounded.float() < x
+    return torch.where(low, torch.nextafter(rounded, torch.tensor(float("inf"), dtype=KERNEL_DTYPE)), rounded)
+
+
+# ---- int8, per output channel ---------------------------------------------------------------
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 [out, in], scale bfloat16 [out]) with ``|w - q * scale| <= scale / 2``."""
+    w = weight.float()
+    scale = _round_up_bf16(w.abs().amax(1).clamp(min=1e-30) / 127)
+    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+# ---- int4, group-wise asymmetric -------------------------------------------------------------
+
+def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q uint8 [out, in] in [0, 15], scale_zero bfloat16 [out, in / group, 2]).
+
+    ``w = (q - 8) * scale + zero``; the grid of a group spans its min to max
+    (``zero = min + 8 * scale``), so ``|w - deq| <= scale / 2 + |zero - (min + 8 * scale)|``
+    (the second term: the zero's rounding to bfloat16).
+    """
+    out_features, in_features = weight.shape
+    w = weight.float().reshape(out_features, in_features // group_size, group_size)
+    low, high = w.amin(-1), w.amax(-1)
+    scale = _round_up_bf16((high - low).clamp(min=1e-30) / 15)
+    zero = (low + 8 * scale.float()).to(KERNEL_DTYPE)
+    q = torch.round((w - zero.float()[..., None]) / scale.float()[..., None]).add_(8).clamp_(0, 15)
+    return q.to(torch.uint8).reshape(out_features, in_features), torch.stack([scale, zero], -1)
+
+
+def dequantize_int4(q: torch.Tensor, scale_zero: torch.Tensor, group_size: int) -> torch.Tensor:
+    out_features, in_features = q.shape
+    groups = q.float().reshape(out_features, in_features // group_size, group_size) - 8
+    sz = scale_zero.float()
+    return (groups * sz[..., 0:1] + sz[..., 1:2]).reshape(out_features, in_features)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """[out, in] values in [0, 15] -> [out, in / 2] bytes (even column in the low nibble)."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1)
+
+
+# ---- the linear ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QuantConfig:
+    mode: str  # EngineConfig.quantization
+    group_size: int  # EngineConfig.quant_group_size (int4 only)
+
+
+class QuantLinear:
+    """``x @ deq(weight).T + bias`` on torch's weight-only kernels (module docstring).
+
+    The same interface as :class:`~trillm.engine.linear.Linear`, so the batch-
+    invariance probe runs on it unchanged; ``dtype`` is the engine's dtype
+    (what it takes and returns), ``kernel_dtype`` what the kernel computes in.
+    """
+
+    def __init__(self, mode: str, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype, group_size: int = 0) -> None:
+        self.mode, self.group_size = mode, group_size
+        self.out_features, self.in_features = q.shape
+        self.dtype = dtype
+        self.kernel_dtype = KERNEL_DTYPE
+        self.bias = bias
+        self.scales = scales.contiguous()
+        if mode == "int8":
+            self.weight = q.contiguous()
+        else:
+            # The kernel wants [in / group, out, 2]; q as int32 for the packing op.
+            self.scales = scales.transpose(0, 1).contiguous()
+            self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        self.nbytes = sum(t.numel() * t.element_size() for t in (self.weight, self.scales))
+        if bias is not None:
+            self.nbytes += bias.numel() * bias.element_size()
+
+    @property
+    def kernel(self) -> str:
+        return "aten-int8pack-bf16" if self.mode == "int8" else f"aten-int4pack-bf16-g{self.group_size}"
+
+    @property
+    def shape_key(self) -> tuple:
+        """What selects the kernel: shape, mode, group size, bias, dtypes (not the values)."""
+        return (self.out_features, self.in_features, self.mode, self.group_size, self.bias is not None,
+                str(self.dtype), str(self.kernel_dtype))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xq = x.to(self.kernel_dtype)
+        if self.mode == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(xq, self.weight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xq, self.weight, self.group_size, self.scales)
+        y = y.to(self.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+# ---- building a model's linears, with the cache ------------------------------------------------
+
+def default_cache_dir() -> Path:
+    """``$TRILLM_HOME/build/quant``, else ``build/quant`` under the working directory (as GGUF conversions)."""
+    return Path(os.environ.get("TRILLM_HOME") or Path.cwd()) / "build" / "quant"
+
+
+def checkpoint_key(files: list[Path]) -> str:
+    """sha256 of the weight files' names and contents (what the quantised weights derive from)."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class LinearBuilder:
+    """Makes each named linear of a model: a float :class:`Linear`, or a :class:`QuantLinear`
+    from the cache when it holds this checkpoint's quantisation, else quantised now
+    (and :meth:`save` writes the cache)."""
+
+    def __init__(self, quant: QuantConfig, dtype: torch.dtype, weight_files: list[Path] | None = None,
+                 cache_dir: Path | None = None) -> None:
+        self.quant = quant
+        self.dtype = dtype
+        self.cache_path: Path | None = None
+        self.cached: dict[str, torch.Tensor] = {}
+        self.made: dict[str, torch.Tensor] = {}
+        self.loaded_from_cache = False
+        if quant.mode != "none" and weight_files:
+            cache_dir = cache_dir or default_cache_dir()
+            group = f"-g{quant.group_size}" if quant.mode == "int4" else ""
+            key = checkpoint_key(weight_files)[:24]
+            self.cache_path = Path(cache_dir) / f"{key}-{quant.mode}{group}-v{FORMAT_VERSION}"
+            self.cached = _read_cache(self.cache_path)
+            self.loaded_from_cache = bool(self.cached)
+
+    def __call__(self, name: str, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        mode = self.quant.mode
+        if mode == "none":
+            return Linear(weight, bias)
+        out_features, in_features = weight.shape
+        group = self.quant.group_size if mode == "int4" else 0
+        if mode == "int4":
+            if in_features % group:
+                raise ValueError(f"quant_group_size: {group} does not divide the {in_features} inputs of {name}; "
+                                 f"use one of {[g for g in QUANT_GROUP_SIZES if in_features % g == 0] or 'none'}")
+            if out_features % INT4_N_MULTIPLE:
+                raise ValueError(f"quantization: int4 needs out_features divisible by {INT4_N_MULTIPLE}; "
+                                 f"{name} has {out_features} (use int8)")
+        q, scales = self._quantized(name, weight, group)
+        return QuantLinear(mode, q, scales, bias, self.dtype, group)
+
+    def _quantized(self, name: str, weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if f"{name}.q" in self.cached:
+            q, scales = self.cached[f"{name}.q"], self.cached[f"{name}.scales"]
+            if self.quant.mode == "int4":
+                q = unpack_nibbles(q)
+            if tuple(q.shape) != tuple(weight.shape):
+                raise ValueError(f"quant cache {self.cache_path}: {name} has shape {tuple(q.shape)}, "
+                                 f"the checkpoint {tuple(weight.shape)}; delete the cache dir")
+            return q, scales
+        if self.quant.mode == "int8":
+            q, scales = quantize_int8(weight)
+            self.made[f"{name}.q"] = q
+        else:
+            q, scales = quantize_int4(weight, group)
+            self.made[f"{name}.q"] = pack_nibbles(q)
+        self.made[f"{name}.scales"] = scales
+        return q, scales
+
+    def save(self) -> None:
+        """Write what was quantised into the cache (atomically: a reader sees all or nothing)."""
+        if self.cache_path is None or self.loaded_from_cache or not self.made:
+            return
+        from safetensors.torch import save_file
+
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=self.cache_path.parent, prefix=f".{self.cache_path.name}-"))
+        try:
+            save_file(self.made, staging / "weights.safetensors")
+            manifest = {"format_version": FORMAT_VERSION, "mode": self.quant.mode,
+                        "group_size": self.quant.group_size if self.quant.mode == "int4" else None,
+                        "tensors": len(self.made)}
+            (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            for path in staging.iterdir():
+                os.chmod(path, 0o644)  # mkdtemp and safetensors make 0700/0600; a server may run as another user
+            os.chmod(staging, 0o755)
+            try:
+                os.replace(staging, self.cache_path)
+            except OSError:  # another engine wrote the same cache first
+                if not (self.cache_path / "manifest.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.made = {}
+
+
+def _read_cache(path: Path) -> dict[str, torch.Tensor]:
+    if not (path / "manifest.json").is_file():
+        return {}
+    from safetensors.torch import load_file
+
+    return load_file(path / "weights.safetensors")
+
+
+def resident_memory_bytes() -> int:
+    """This process's resident set (VmRSS of /proc/self/status; 0 where there is none)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def release_freed_memory() -> None:
+    """Hand the heap freed after loading (the float checkpoint) back to the OS.
+
+    glibc keeps freed small-block arenas mapped, so without this the float
+    weights quantised away at load stay in the resident set.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
