@@ -32,6 +32,9 @@ from trillm.openai.protocol import APIError, Target
 
 # The pipeline's input names that an OpenAI field stands for (others keep their name).
 FIELD_OF_INPUT = {"stop_words": "stop"}
+# Health and the model list ask Triton about itself: an answer takes milliseconds, so a
+# server that does not answer in this long counts as unavailable (not the request timeout).
+CONTROL_TIMEOUT_S = 10.0
 _INPUT_NAME = re.compile(r"(?:input|parameter) '(\w+)'")
 
 
@@ -122,15 +125,19 @@ class Pipeline:
 
     async def versions(self) -> list[str]:
         """The versions of the served model that are ready, in order."""
-        infos = await self._clients[""].models()
+        try:
+            infos = await asyncio.wait_for(self._clients[""].models(), CONTROL_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise UnavailableError(f"Triton at {self.url} did not list its models within {CONTROL_TIMEOUT_S:g}s") from None
         ready = {i.version for i in infos if i.name == self.model and i.state == "READY" and i.version}
         return sorted(ready, key=int)
 
     async def ready(self) -> bool:
         try:
-            return bool((await self._clients[""].health())["model_ready"])
-        except TrillmError:
+            health = await asyncio.wait_for(self._clients[""].health(), CONTROL_TIMEOUT_S)
+        except (TrillmError, asyncio.TimeoutError):
             return False
+        return bool(health["model_ready"])
 
     async def close(self) -> None:
         for client in self._clients.values():
