@@ -30,7 +30,7 @@ What the conversion undoes or rebuilds, in llama.cpp's own terms:
 
 The quantised origin stays known: ``gguf_tensors.json`` in the output names,
 for each Hugging Face tensor, the GGUF tensor and quantisation type it came
-from and whether its rows were un-permuted, and :func:`read_raw_tensor` gives
+from and whether its rows were un-permuted, and :meth:`GGUFFile.raw_tensor` gives
 a tensor's quantised blocks with the rows in Hugging Face order, so a
 quantised engine can pack them without a dequantise-requantise loss.
 """
@@ -51,10 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-GGUF_SUFFIX = ".gguf"
 SOURCE_MANIFEST = "gguf_tensors.json"
-# Bump when the output of convert_gguf changes for the same input.
-CONVERTER_VERSION = 1
 DEFAULT_CACHE_DIR = Path(os.environ.get("TRILLM_HOME") or Path.cwd()) / "build" / "gguf"
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # torch dtype names; torch is imported only to convert
 
@@ -304,11 +301,6 @@ class GGUFFile:
         return TokenizerMetadata.from_gguf(self)
 
 
-def read_raw_tensor(gguf_path: str | Path, hf_name: str) -> tuple[str, np.ndarray]:
-    """:meth:`GGUFFile.raw_tensor` of a file (see ``gguf_tensors.json`` for the names)."""
-    return GGUFFile(gguf_path).raw_tensor(hf_name)
-
-
 def _float32(value) -> float:
     """A float32 metadata value as the decimal it was written from (1e-05, not 9.99999974e-06)."""
     return float(repr(np.float32(value)))
@@ -550,7 +542,6 @@ def _recipe(gguf_sha256: str, weights_dtype: str) -> dict:
     import tokenizers
 
     return {
-        "converter_version": CONVERTER_VERSION,
         "converter_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
         "gguf_sha256": gguf_sha256,
         "weights_dtype": weights_dtype,
@@ -656,10 +647,6 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
             raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def is_gguf(path: str | Path) -> bool:
-    return Path(path).suffix.lower() == GGUF_SUFFIX and Path(path).is_file()
 
 
 def resolve_gguf(gguf_path: str | Path, cache_dir: str | Path | None = None) -> Path:
