@@ -16,7 +16,7 @@ LOAD_FLAGS = $(if $(LOAD_URL),--url $(LOAD_URL)) $(if $(LOAD_GRPC_URL),--grpc-ur
 	$(if $(LOAD_USERS),-u $(LOAD_USERS)) $(if $(LOAD_SPAWN_RATE),-r $(LOAD_SPAWN_RATE)) \
 	$(if $(LOAD_DURATION),-t $(LOAD_DURATION)) $(if $(LOAD_TRANSPORT),--transport $(LOAD_TRANSPORT))
 
-.PHONY: load load-sweep load-ui
+.PHONY: load load-sweep load-ui soak
 
 # demo-model: the server started here serves it, and its tokenizer sizes the prompts.
 load: demo-model ## headless Locust run (LOAD_USERS=4 LOAD_DURATION=30s, LOAD_URL/LOAD_GRPC_URL: a running server); report in load_tests/reports/
@@ -28,3 +28,6 @@ load-sweep: demo-model ## concurrency sweep (LOAD_SWEEP_USERS=1,2,4,...,64, LOAD
 
 load-ui: demo-model ## the Locust web UI on 127.0.0.1:8089 (LOAD_WEB_PORT) against a server started here (or LOAD_URL); Ctrl-C ends it
 	$(PY) -m load_tests.run ui $(LOAD_FLAGS) $(if $(LOAD_WEB_PORT),--web-port $(LOAD_WEB_PORT)) $(LOAD_ARGS)
+
+soak: demo-model ## 10-minute soak of a real server (memory flat after warm-up, KV blocks back to 0, no failures): build/reliability/soak.json
+	$(PY) -m load_tests.soak $(SOAK_ARGS)
