@@ -301,6 +301,20 @@ def test_api_key(triton_server, tmp_path):
         process.stop()
 
 
+def test_the_bls_model_behind_the_api(triton_server, tmp_path, client, served_version):
+    process = start(tmp_path, triton_server.grpc_url, model="tensorrt_llm_bls")
+    try:
+        process.wait_ready(120)
+        with openai.OpenAI(base_url=f"{process.url}/v1", api_key="x", max_retries=0, timeout=120) as bls:
+            assert [m.id for m in bls.models.list().data] == ["tensorrt_llm_bls", f"tensorrt_llm_bls:{served_version}"]
+            done = bls.chat.completions.create(model="tensorrt_llm_bls", messages=CHAT, max_tokens=8, temperature=0)
+        # the same pipeline version, driven from Python instead of by the ensemble
+        assert done.choices[0].message.content == client.chat.completions.create(
+            model="ensemble", messages=CHAT, max_tokens=8, temperature=0).choices[0].message.content
+    finally:
+        process.stop()
+
+
 def test_triton_down_is_a_503(tmp_path):
     process = start(tmp_path, f"127.0.0.1:{free_port()}")  # nothing listens there
     try:

@@ -105,18 +105,28 @@ class Guard:
             self.gate.in_flight -= 1
 
 
+class ClientDisconnected(Exception):
+    """The client left before its answer was ready (its pipeline requests are cancelled)."""
+
+
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Awaits ``work``, cancelling it if the client goes away first (its pipeline requests with it)."""
     task = asyncio.ensure_future(work)
+    gone = asyncio.Event()
 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        gone.set()
         task.cancel()
 
     watcher = asyncio.create_task(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        if gone.is_set():
+            raise ClientDisconnected() from None
+        raise
     finally:
         watcher.cancel()
 
@@ -258,6 +268,10 @@ def create_app(settings: Settings, gate: Gate | None = None) -> Guard:
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
         return error_response(APIError(exc.status_code, str(exc.detail), code=None))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _client_left(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
     @app.exception_handler(TrillmError)
     async def _pipeline_error(_: Request, exc: TrillmError) -> JSONResponse:
