@@ -9,7 +9,7 @@ API_KEY_ENV = "TRILLM_API_KEY"  # when set, /v1/* needs "Authorization: Bearer <
 DEFAULT_PORT = 9000
 DEFAULT_MAX_TOKENS = 256  # chat requests that give none (OpenAI documents no default for chat)
 REQUEST_TIMEOUT_S = 600.0
-DRAIN_TIMEOUT_S = 30.0
+DRAIN_TIMEOUT_S = 20.0  # as trillm serve's --drain-timeout
 MODELS = ("ensemble", "tensorrt_llm_bls")
 
 
