@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.trillm-installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo-model smollm2 serve test test-unit test-engine test-server test-scale bench clean
+.PHONY: help install demo-model smollm2 serve test test-unit test-engine test-server test-scale bench bench-quality bench-quant clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -54,6 +54,12 @@ test-scale: $(STAMP) ## two replicas behind nginx (needs Debian's nginx), compos
 
 bench: demo-model ## engine and served benchmarks; writes benchmarks/results/latest.json and docs/benchmarks.md
 	$(PY) -m benchmarks.run
+
+bench-quality: smollm2 ## perplexity and greedy agreement with fp32 of fp32/bf16/int8/int4 SmolLM2 (benchmarks/results/quality-*.json)
+	$(PY) -m benchmarks.quality --checkpoint $(SMOLLM2)
+
+bench-quant: smollm2 ## batch-1 ITL, share of the weight-bytes roofline and resident memory per quantisation mode (benchmarks/results/quant-*.json)
+	$(PY) -m benchmarks.quant --checkpoint $(SMOLLM2)
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache

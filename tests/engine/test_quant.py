@@ -86,6 +86,27 @@ def test_int4_error_is_at_most_half_a_step_plus_the_zero_rounding(group_size):
     assert (zero_shift[3:] <= scale[3:] * 0.5).all()
 
 
+def test_int4_group_32_takes_back_a_q4_1_tensor_s_own_integers():
+    """A llama.cpp Q4_1 block stores w = m + q * d (q in [0, 15], d and m in float16, the
+    block's min at q = 0 and its max at q = 15); dequantised, then quantised here with
+    groups of 32, it gets back exactly its q: the GGUF's own integers, not a second
+    rounding. What moves is the scale and zero, rounded to bfloat16 for the kernel: the
+    scale up by less than one bfloat16 ulp (2^-7 relative), and the zero, min + 8 scales,
+    by 8 times that plus its own rounding to the nearest (2^-8 relative)."""
+    generator = torch.Generator().manual_seed(5)
+    out_features, in_features = 32, 128
+    d = (torch.rand(out_features, in_features // 32, 1, generator=generator) * 0.1 + 1e-3).half().float()
+    m = (-8 * d - torch.rand(out_features, in_features // 32, 1, generator=generator) * 0.01).half().float()
+    q = torch.randint(0, 16, (out_features, in_features // 32, 32), generator=generator)
+    q[..., 0], q[..., 1] = 0, 15  # llama.cpp maps a block's min to 0 and its max to 15
+    w = (m + q * d).reshape(out_features, in_features)
+    got, scale_zero = quantize_int4(w, 32)
+    assert torch.equal(got.reshape(q.shape).long(), q)
+    scale, zero = scale_zero.float().unbind(-1)
+    assert ((scale[..., None] - d).abs() <= d * 2.0 ** -7).all()
+    assert ((zero[..., None] - (m + 8 * d)).abs() <= 8 * d * 2.0 ** -7 + (m + 8 * d).abs() * 2.0 ** -8).all()
+
+
 def test_nibbles_round_trip():
     q = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
     packed = pack_nibbles(q)
@@ -194,7 +215,10 @@ def test_batch_invariance_is_as_the_engine_reports(small_llama, mode):
     """The probe's claim, checked: when the engine says batch-invariant, a request's
     tokens and log-probs are bit for bit the same alone and batched; when it says
     not, some matmul has no row padding that makes it so."""
-    engine = H.make_engine(small_llama, quantization=mode, max_model_len=128, max_num_seqs=6)
+    # No prefix cache: the batched run would hit the alone runs' blocks and compute the
+    # prompts' tails on their own, which rounds differently in a bfloat16 KV cache.
+    engine = H.make_engine(small_llama, quantization=mode, max_model_len=128, max_num_seqs=6,
+                           enable_prefix_caching=False)
     try:
         kernels = engine.kernels
         assert kernels["linear_kernel"] == ("aten-int8pack-bf16" if mode == "int8" else "aten-int4pack-bf16-g32")
