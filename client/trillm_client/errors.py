@@ -56,8 +56,10 @@ class AdminKeyError(TrillmError, PermissionError):
 _NOT_READY = re.compile(r"has no available versions|is not ready|not ready", re.IGNORECASE)
 _NOT_FOUND = re.compile(r"unknown model|is not found|model not found", re.IGNORECASE)
 _CANCELLED = re.compile(r"\bcancel(l)?ed\b", re.IGNORECASE)
-# Server faults a stream reports only as text: our drain and shutdown, a dead model stub.
-_UNAVAILABLE = re.compile(r"server shutting down|is not healthy|server is stopping", re.IGNORECASE)
+# Server faults a stream reports only as text: our drain and shutdown, a dead model stub, a
+# connection the server dropped mid-stream (gRPC RST_STREAM "Stream removed").
+_UNAVAILABLE = re.compile(r"server shutting down|is not healthy|server is stopping|stream removed|socket closed",
+                          re.IGNORECASE)
 # Triton's own input checks ("expected number of inputs ...", "unexpected
 # datatype ...", "Unable to parse 'data' ...") and ours ("input 'top_p': ...").
 _BAD_INPUT = re.compile(

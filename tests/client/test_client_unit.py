@@ -386,6 +386,12 @@ def test_text_stream_yields_non_empty_deltas_and_times_them():
         ("Locally cancelled by application!", None, "StatusCode.CANCELLED", RequestCancelledError),
         ("Request was cancelled", None, None, RequestCancelledError),
         ("internal error: RuntimeError('shape mismatch in input')", None, None, TrillmError),
+        # Server faults that arrive as stream text: a fault, never a bad input.
+        ("in ensemble 'ensemble', server shutting down: the request did not finish within the drain timeout",
+         None, None, UnavailableError),
+        ("Stub process 'tensorrt_llm_0_0' is not healthy.", 400, None, UnavailableError),
+        ("Stream removed (Socket closed (GOAWAY received; Error code: 0; Debug Text: ))", None, None,
+         UnavailableError),
     ],
 )
 def test_classify(message, http, grpc, kind):
