@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import triton_python_backend_utils as pb_utils
 
 from trillm.triton import io
+from trillm.triton.lifecycle import watch_parent
 from trillm.triton import tensors as T
 from trillm.triton.errors import ConfigError, InputError
 from trillm.triton.params import model_parameters
@@ -89,6 +90,7 @@ def _tensors(source, mapping: dict[str, str]) -> list:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        watch_parent()
         model_config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(model_config):
             raise ConfigError(

@@ -15,6 +15,7 @@ import triton_python_backend_utils as pb_utils
 from trillm.chat_template import ChatError, parse_messages, render_prompt
 from trillm.tokenizer import load_tokenizer
 from trillm.triton import io
+from trillm.triton.lifecycle import watch_parent
 from trillm.triton import tensors as T
 from trillm.triton.errors import ConfigError, InputError
 from trillm.triton.params import model_parameters
@@ -156,6 +157,7 @@ def reconcile_min_tokens(min_tokens: int | None, min_length: int | None) -> int:
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
+        watch_parent()
         params = model_parameters(args, PreprocessingParams)
         self.pre = Preprocessor(params)
 
