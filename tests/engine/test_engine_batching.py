@@ -9,6 +9,9 @@ from engine_helpers import greedy, make_engine, prompts, requests, run, run_alon
 pytestmark = pytest.mark.engine
 
 VOCAB = 8192
+# These tests check float32's invariances with float32's tolerance (1e-4 on a log-prob);
+# dtype "auto" and its bfloat16 matmuls are covered by test_engine_dtype.py.
+FP32 = "float32"
 LENGTHS = [3, 200, 17, 64, 1, 130, 40, 90, 8, 256, 33, 120]
 MAX_TOKENS = [20, 8, 32, 12, 25, 16, 30, 10, 22, 14, 28, 18]
 
@@ -22,7 +25,7 @@ def mixed_requests():
 def engine(demo_checkpoint):
     """Without prefix caching: a prefix-cache hit computes the prompt's tail on its
     own, which changes log-probs in the last bits (see the prefix cache test)."""
-    engine = make_engine(demo_checkpoint, max_model_len=1024, enable_prefix_caching=False)
+    engine = make_engine(demo_checkpoint, dtype=FP32, max_model_len=1024, enable_prefix_caching=False)
     yield engine
     engine.shutdown()
 
@@ -75,7 +78,7 @@ def assert_same_as_alone(results, alone, requests) -> None:
 def test_chunked_prefill_matches_unchunked(demo_checkpoint, mixed_requests, alone):
     """Prompts prefilled 32 tokens at a time, interleaved with decodes, give the
     same tokens as 256-token chunks (log-probs equal to float tolerance)."""
-    engine = make_engine(demo_checkpoint, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=40)
+    engine = make_engine(demo_checkpoint, dtype=FP32, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=40)
     try:
         assert engine.limits.prefill_chunk == 32
         results = run(engine, mixed_requests)
@@ -87,7 +90,7 @@ def test_chunked_prefill_matches_unchunked(demo_checkpoint, mixed_requests, alon
 def test_preemption_under_tiny_kv_cache_keeps_outputs(demo_checkpoint, mixed_requests, alone):
     """A cache of 24 blocks (384 tokens) cannot hold the running requests: the
     newest are preempted and recomputed, and every output is unchanged."""
-    engine = make_engine(demo_checkpoint, max_model_len=384, kv_cache_blocks=24, enable_prefix_caching=False)
+    engine = make_engine(demo_checkpoint, dtype=FP32, max_model_len=384, kv_cache_blocks=24, enable_prefix_caching=False)
     try:
         results = run(engine, mixed_requests)
         assert wait_until(lambda: engine.stats()["kv_blocks_used"] == 0)
@@ -106,7 +109,7 @@ def test_prefix_cache_reuses_shared_system_prompt(demo_checkpoint):
     reqs = requests([system + turn for turn in user_turns], greedy(12))
     outputs = {}
     for caching in (False, True):
-        engine = make_engine(demo_checkpoint, max_model_len=512, enable_prefix_caching=caching)
+        engine = make_engine(demo_checkpoint, dtype=FP32, max_model_len=512, enable_prefix_caching=caching)
         try:
             outputs[caching] = run_alone(engine, reqs)
             assert wait_until(lambda: engine.stats()["kv_blocks_used"] == 0)

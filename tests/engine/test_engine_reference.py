@@ -16,7 +16,7 @@ pytestmark = pytest.mark.engine
 
 def _compare(checkpoint, lengths, max_tokens, vocab_size, seed=1, **engine_overrides):
     prompt_list = prompts(seed, lengths, vocab_size)
-    engine = make_engine(checkpoint, **engine_overrides)
+    engine = make_engine(checkpoint, dtype="float32", **engine_overrides)  # the rule is float32's
     try:
         results = run(engine, requests(prompt_list, greedy(max_tokens)))
     finally:

@@ -10,7 +10,7 @@ import torch
 from trillm.engine import EngineConfig, GenerationRequest, SamplingParams
 from trillm.engine.block_manager import BlockManager
 from trillm.engine.checkpoint import LlamaSpec
-from trillm.engine.config import EngineLimits, resolve_limits
+from trillm.engine.config import DEFAULT_PREFILL_CHUNKS_PER_STEP, EngineLimits, resolve_limits
 from trillm.engine.rope import inverse_frequencies
 from trillm.engine.scheduler import Scheduler
 from trillm.engine.sequence import Sequence, SequenceStatus
@@ -54,7 +54,7 @@ def test_resolve_limits_derives_every_zero(checkpoint_dir):
     limits = resolve_limits(EngineConfig(checkpoint_dir=checkpoint_dir), 8192, kv_bytes_per_token=1024)
     assert limits.max_model_len == 4096
     assert limits.max_num_seqs > 0 and limits.kv_cache_blocks >= 4096 // 16
-    assert limits.max_num_batched_tokens == limits.prefill_chunk + limits.max_num_seqs
+    assert limits.max_num_batched_tokens == DEFAULT_PREFILL_CHUNKS_PER_STEP * limits.prefill_chunk + limits.max_num_seqs
     short = resolve_limits(EngineConfig(checkpoint_dir=checkpoint_dir), 512, kv_bytes_per_token=1024)
     assert short.max_model_len == 512
     small_cache = resolve_limits(EngineConfig(checkpoint_dir=checkpoint_dir, kv_cache_blocks=10), 8192, 1024)

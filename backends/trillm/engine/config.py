@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16")
+# "auto": the fastest correct precision on this CPU, per matmul, measured at load (precision.py).
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Weight-only quantisation of every linear and the LM head (trillm.engine.quant).
 QUANTIZATIONS = ("none", "int8", "int4")
 QUANT_GROUP_SIZES = (32, 64, 128)
@@ -23,12 +24,17 @@ KV_CACHE_MAX_BYTES = 16 << 30
 # demo model runs at ~97% of the throughput of a 256-token one, and stalls
 # the decodes sharing its step half as long (~0.2 s instead of ~0.45 s).
 DEFAULT_PREFILL_CHUNK = 128
+# Prompt chunks (of different sequences) per step, when the budget is derived. With one,
+# a burst of 32 prompts queued behind each other a step apart (TTFT p99 10x p50 at 32
+# streams); several per step drain the burst in a quarter of the steps, each step reading
+# the weights once for all of them, while every running sequence still decodes each step.
+DEFAULT_PREFILL_CHUNKS_PER_STEP = 4
 
 
 @dataclass
 class EngineConfig:
     checkpoint_dir: str
-    dtype: str = "float32"
+    dtype: str = "auto"  # one of DTYPES
     max_num_seqs: int = 0  # max concurrent sequences; 0 = derive from machine
     max_model_len: int = 0  # prompt+output limit; 0 = min(config.max_position_embeddings, 4096)
     max_num_batched_tokens: int = 0  # tokens per step (prefill chunk budget); 0 = derive
@@ -137,13 +143,13 @@ def resolve_limits(config: EngineConfig, max_position_embeddings: int, kv_bytes_
 
     # Prefill chunks are cut at fixed positions (multiples of prefill_chunk),
     # so a prompt is computed the same way whatever else is running; the token
-    # budget must then fit every decode plus one whole chunk.
+    # budget must then fit every decode plus one whole chunk (derived: several).
     if config.max_num_batched_tokens:
         max_num_batched_tokens = config.max_num_batched_tokens
         prefill_chunk = max(min(block_size, max_num_batched_tokens), max_num_batched_tokens - max_num_seqs)
     else:
         prefill_chunk = DEFAULT_PREFILL_CHUNK
-        max_num_batched_tokens = prefill_chunk + max_num_seqs
+        max_num_batched_tokens = DEFAULT_PREFILL_CHUNKS_PER_STEP * prefill_chunk + max_num_seqs
     return EngineLimits(
         max_num_seqs=max_num_seqs,
         max_model_len=max_model_len,

@@ -95,17 +95,18 @@ class LlamaModel:
         step = {"qkv": layer.qkv, "o": layer.o, "gate_up": layer.gate_up, "down": layer.down}
         variants = {name: row_variant_counts(lin, max_step_rows) for name, lin in step.items()}
         head_variants = row_variant_counts(self.lm_head, max_sample_rows)
-        step_multiple = smallest_row_multiple(list(variants.values()), max_step_rows)
-        head_multiple = smallest_row_multiple([head_variants], max_sample_rows)
+        step_multiple = _affordable(smallest_row_multiple(list(variants.values()), max_step_rows))
+        head_multiple = _affordable(smallest_row_multiple([head_variants], max_sample_rows))
         self.batch_invariant = step_multiple is not None and head_multiple is not None
         self.row_multiple = step_multiple or 1
         self.head_row_multiple = head_multiple or 1
         per_matmul = {name: smallest_row_multiple([v], max_step_rows) for name, v in variants.items()}
-        per_matmul["lm_head"] = head_multiple
+        per_matmul["lm_head"] = smallest_row_multiple([head_variants], max_sample_rows)
         return {
             "batch_invariant": self.batch_invariant,
             "linear_kernel": layer.qkv.kernel,
-            "row_multiples": per_matmul,  # None: no padding makes that matmul row-invariant here
+            # None: no padding makes that matmul row-invariant here; above MAX_ROW_MULTIPLE: not applied
+            "row_multiples": per_matmul,
             "step_row_multiple": self.row_multiple,
             "head_row_multiple": self.head_row_multiple,
         }
@@ -121,13 +122,14 @@ class LlamaModel:
         eps = spec.rms_norm_eps
         cos = self.cos.index_select(0, positions).unsqueeze(1)
         sin = self.sin_signed.index_select(0, positions).unsqueeze(1)
+        kv_dtype = kv_cache.k.dtype  # attention runs in the cache's dtype (precision.py)
         hidden = F.embedding(input_ids, self.embed)
         for i, w in enumerate(self.layers):
             x = rms_norm(hidden, w.input_norm, eps)
             qkv = w.qkv(x)
-            qk = apply_rope(qkv[:, :q_size + kv_size].view(rows, heads + kv_heads, d), cos, sin)
+            qk = apply_rope(qkv[:, :q_size + kv_size].view(rows, heads + kv_heads, d), cos, sin).to(kv_dtype)
             q, k = qk[:, :heads], qk[:, heads:]
-            v = qkv[:, q_size + kv_size:].view(rows, kv_heads, d)
+            v = qkv[:, q_size + kv_size:].view(rows, kv_heads, d).to(kv_dtype)
             attn = paged_attention(i, q, k, v, kv_cache.k[i], kv_cache.v[i], meta)
             hidden = hidden + w.o(attn)
             x = rms_norm(hidden, w.post_norm, eps)
@@ -138,6 +140,16 @@ class LlamaModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [rows, vocab] for hidden states [rows, hidden]."""
         return self.lm_head(rms_norm(hidden, self.norm, self.spec.rms_norm_eps)).float()
+
+
+# Padding beyond this many rows would multiply a lone decode's matmul work by more
+# than it saves elsewhere (oneDNN's bfloat16 AMX kernels are row-invariant only
+# from 33 rows on, so they would need 64): unpadded, and reported not invariant.
+MAX_ROW_MULTIPLE = 16
+
+
+def _affordable(multiple: int | None) -> int | None:
+    return multiple if multiple is not None and multiple <= MAX_ROW_MULTIPLE else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

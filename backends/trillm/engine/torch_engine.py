@@ -19,12 +19,13 @@ from typing import Callable
 import torch
 
 from trillm.engine.block_manager import BlockManager
-from trillm.engine.checkpoint import TORCH_DTYPES, LlamaSpec, load_tensors, read_config, safetensors_files
+from trillm.engine.checkpoint import LlamaSpec, load_tensors, read_config, safetensors_files
 from trillm.engine.config import EngineConfig, EngineLimits, resolve_limits
 from trillm.engine.cpu import cpu_info
 from trillm.engine.kv_cache import KVCache
 from trillm.engine.llama import LlamaModel
 from trillm.engine.model_runner import ModelRunner
+from trillm.engine.precision import resolve_precision
 from trillm.engine.quant import LinearBuilder, QuantConfig, release_freed_memory, resident_memory_bytes
 from trillm.engine.sampler import sample
 from trillm.engine.scheduler import Scheduler
@@ -52,15 +53,25 @@ class TorchEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         spec = LlamaSpec.from_config(read_config(config.checkpoint_dir))
-        dtype = TORCH_DTYPES[config.dtype]
+        self.cpu = cpu_info()
+        self.precision = resolve_precision(config.dtype, spec, self.cpu, config.quantization)
+        dtype = self.precision.compute
         tensors = load_tensors(config.checkpoint_dir, dtype)
-        limits = resolve_limits(config, spec.max_position_embeddings, spec.kv_bytes_per_token(dtype))
+        limits = resolve_limits(config, spec.max_position_embeddings, spec.kv_bytes_per_token(self.precision.kv_cache))
         self.config = config
         self.spec = spec
         self.limits: EngineLimits = limits
         linears = LinearBuilder(QuantConfig(config.quantization, config.quant_group_size), dtype,
                                 safetensors_files(config.checkpoint_dir))
-        self.model = LlamaModel(spec, tensors, dtype, max_positions=limits.max_model_len, make_linear=linears)
+
+        def make_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None = None):
+            if config.quantization == "none":  # quantisation starts from the float weights
+                linear_dtype = self.precision.linear_dtype(name)
+                weight = weight.to(linear_dtype)
+                bias = None if bias is None else bias.to(linear_dtype)
+            return linears(name, weight, bias)
+
+        self.model = LlamaModel(spec, tensors, dtype, max_positions=limits.max_model_len, make_linear=make_linear)
         del tensors
         linears.save()
         release_freed_memory()
@@ -68,11 +79,10 @@ class TorchEngine:
                              "group_size": config.quant_group_size if config.quantization == "int4" else None,
                              "from_cache": linears.loaded_from_cache,
                              "weight_bytes": self.model.weight_bytes}
-        self.cpu = cpu_info()
         self.kernels = self.model.probe_batch_invariance(limits.max_num_batched_tokens, limits.max_num_seqs)
         self._log_kernel_choice(config.dtype)
         self.kv_cache = KVCache(spec.num_layers, limits.kv_cache_blocks, limits.block_size,
-                                spec.num_kv_heads, spec.head_dim, dtype)
+                                spec.num_kv_heads, spec.head_dim, self.precision.kv_cache)
         self.block_manager = BlockManager(limits.kv_cache_blocks, limits.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(limits, self.block_manager)
         self.runner = ModelRunner(self.model, self.kv_cache)
@@ -133,6 +143,7 @@ class TorchEngine:
     def _log_kernel_choice(self, dtype: str) -> None:
         k = self.kernels
         log.info("engine: CPU %s", self.cpu.summary())
+        log.info("engine: %s", self.precision.summary())
         if k["batch_invariant"]:
             log.info("engine: %s linears (%s); steps padded to %d rows, LM head to %d: probed on this CPU, "
                      "a request's output does not depend on its batch", dtype, k["linear_kernel"],
@@ -273,6 +284,7 @@ class TorchEngine:
             "batch_invariant": self.kernels["batch_invariant"],
             "quantization": self.quantization,
             "kernels": self.kernels,
+            "precision": self.precision.as_dict(),
             "cpu": self.cpu.as_dict(),
         }
 
