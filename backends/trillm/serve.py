@@ -37,7 +37,7 @@ class ServeConfig:
     tokenizer_dir: Path | None = None
     engine_kind: str = "torch"
     engine_dir: str = ""
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: measured per matmul on this CPU (trillm.engine.precision)
     quantization: str = "none"  # none, int8, int4: weight-only, every linear and the LM head
     quant_group_size: int = 32  # int4: inputs per scale and zero (32, 64, 128)
     max_batch_size: int = 64

@@ -36,7 +36,7 @@ class EngineHostParams:
     engine_kind: str = "torch"
     tokenizer_dir: str = ""  # default: checkpoint_dir
     engine_dir: str = ""  # TensorRT-LLM engine (engine_kind tensorrt_llm)
-    dtype: str = "float32"
+    dtype: str = "auto"  # trillm.engine.config.DTYPES
     quantization: str = "none"  # none, int8, int4 (trillm.engine.quant)
     quant_group_size: int = 32
     max_num_seqs: int = 0
