@@ -124,7 +124,9 @@ def deployment(tmp_path_factory) -> Iterator[Deployment]:
     work = tmp_path_factory.mktemp("compose")
     checkpoints = work / "checkpoints"
     checkpoints.mkdir()
-    ports = {name: _free_port() for name in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "PROMETHEUS_PORT")}
+    # Every published port free, the OpenAI API's too (host networking: a fixed 9000 could be taken).
+    ports = {name: _free_port()
+             for name in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "PROMETHEUS_PORT", "OPENAI_PORT")}
     admin_key = uuid.uuid4().hex
     env_file = work / "env"
     env_file.write_text(
