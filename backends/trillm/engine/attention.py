@@ -21,6 +21,14 @@ Where the keys come from, cheapest first:
 Measured on 2 CPU cores: attention per decoding sequence is bound by reading
 its K/V (SDPA streams them at memory speed), so batching sequences into one
 padded call would add padding traffic and a gather copy without saving work.
+Re-measured on a Sapphire Rapids Xeon (one thread, CPU time per layer,
+SmolLM2's 9 heads / 3 KV heads / d 64, contexts of 100-250 tokens): this
+loop takes 0.38 ms for 8 decodes and 1.4 ms (bf16) / 2.6 ms (fp32) for 32;
+gathering each decode's blocks into a padded [seqs, kv_heads, len, d] buffer
+with a mask for one SDPA call takes 0.34-0.70 ms for 8 and 2.7-8.4 ms for 32
+(one call, or one per 64-token length bucket so that a sequence's padding
+depends only on its own length). The gather copy costs more than the calls
+it saves, so the loop stays.
 """
 
 from __future__ import annotations
