@@ -439,11 +439,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-tokens", type=int, default=Workload.output_tokens)
     parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/peers-<date>.json")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "benchmarks.md", help="'' writes no doc")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="measure nothing: write the doc section again from a run's figures")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        results["targets"] = targets(results["engines"])
+        _report(results, args.doc)
+        return 0
     # SIGTERM unwinds like Ctrl-C, so every server started here is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if not (args.checkpoint / "config.json").is_file():
-        parser.error(f"--checkpoint: no config.json in {args.checkpoint} (make smollm2 or trillm build-smollm2)")
+        parser.error(f"--checkpoint: no config.json in {args.checkpoint} (trillm build-smollm2 makes the default one)")
 
     now = datetime.datetime.now(datetime.timezone.utc)
     out = args.out or ROOT / "benchmarks" / "results" / f"peers-{now:%Y-%m-%d}.json"
@@ -472,12 +479,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str))
-    section = markdown(results)
-    if str(args.doc) not in ("", "."):
-        write_section(args.doc, section)
-    print(section)
+    _report(results, args.doc)
     print(f"figures: {out}; took {results['run_s'] / 60:.1f} min")
     return 0
+
+
+def _report(results: dict, doc: Path) -> None:
+    section = markdown(results)
+    if str(doc) not in ("", "."):
+        write_section(doc, section)
+    print(section)
 
 
 if __name__ == "__main__":
