@@ -174,10 +174,19 @@ def test_shapes_the_int4_kernel_cannot_take_are_named(tmp_path):
                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ValueError, match=r"^quant_group_size: 64 does not divide the 96 inputs of layers\.0\.qkv"):
         H.make_engine(odd_inputs, quantization="int4", quant_group_size=64, max_model_len=64)
-    odd_vocab = H.make_random_llama(tmp_path / "b", vocab_size=250, hidden_size=64, intermediate_size=128,
-                                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
-    with pytest.raises(ValueError, match="^quantization: int4 needs out_features divisible by 16; lm_head has 250"):
-        H.make_engine(odd_vocab, quantization="int4", max_model_len=64)
+    odd_outputs = H.make_random_llama(tmp_path / "b", vocab_size=256, hidden_size=64, intermediate_size=100,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match=r"^quantization: int4 needs out_features divisible by 16; layers\.0\.gate_up has 200"):
+        H.make_engine(odd_outputs, quantization="int4", max_model_len=64)
+
+
+def test_an_int4_model_has_an_int8_lm_head(small_llama):
+    engine = H.make_engine(small_llama, quantization="int4", max_model_len=64, max_num_seqs=2)
+    try:
+        assert engine.model.lm_head.kernel == "aten-int8pack-bf16"
+        assert engine.model.layers[0].down.kernel == "aten-int4pack-bf16-g32"
+    finally:
+        engine.shutdown()
 
 
 def _greedy_run(engine, prompt_list, max_tokens):
@@ -195,7 +204,7 @@ def test_cache_round_trip(small_llama, quant_cache):
     finally:
         first.shutdown()
     (cached,) = quant_cache.iterdir()
-    assert cached.name.endswith("-int4-g32-v1") and (cached / "weights.safetensors").is_file()
+    assert cached.name.endswith("-int4-g32-v2") and (cached / "weights.safetensors").is_file()
     second = H.make_engine(small_llama, quantization="int4", max_model_len=128, max_num_seqs=4)
     try:
         assert second.stats()["quantization"]["from_cache"] is True

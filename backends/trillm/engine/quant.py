@@ -7,7 +7,11 @@ Formats (what torch's kernels take; ``q`` are the stored integers):
 - **int4**, per group of ``group_size`` inputs of a row: ``w = (q - 8) * scale
   + zero``, ``q`` in [0, 15] (asymmetric, llama.cpp's Q4_1 with ``zero = min +
   8 * scale``); ``aten._weight_int4pack_mm_for_cpu`` on the packing of
-  ``aten._convert_weight_to_int4pack_for_cpu``.
+  ``aten._convert_weight_to_int4pack_for_cpu``. The LM head of an int4
+  model is int8 (:data:`LM_HEAD_MODES`). Quantising a llama.cpp Q4_1 tensor
+  (dequantised by the GGUF conversion) with groups of 32 gives back exactly
+  its own integers: Q4_1 puts each block's min at 0 and max at 15, which is
+  this grid.
 
 Both kernels take bfloat16 activations and scales: measured on torch 2.13
 (Xeon with AMX, 2 threads), their float32 paths run 10-300x slower than
@@ -47,7 +51,11 @@ from trillm.engine.linear import Linear
 
 INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
 KERNEL_DTYPE = torch.bfloat16
-FORMAT_VERSION = 1  # bump when what the cache holds for a checkpoint changes
+FORMAT_VERSION = 2  # bump when what the cache holds for a checkpoint changes
+# The LM head of an int4 model is int8: llama.cpp's Q4 files keep it at Q8_0 or Q6_K too.
+# Measured on SmolLM2-135M (a Q4_1 GGUF, its tied LM head Q8_0): an int4 LM head raises
+# the perplexity of benchmarks/data/ppl.txt from 18.0 to 19.1 (docs/benchmarks.md).
+LM_HEAD_MODES = {"int4": "int8"}
 
 
 def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -202,6 +210,8 @@ class LinearBuilder:
         mode = self.quant.mode
         if mode == "none":
             return Linear(weight, bias)
+        if name == "lm_head":
+            mode = LM_HEAD_MODES.get(mode, mode)
         out_features, in_features = weight.shape
         group = self.quant.group_size if mode == "int4" else 0
         if mode == "int4":
@@ -211,19 +221,19 @@ class LinearBuilder:
             if out_features % INT4_N_MULTIPLE:
                 raise ValueError(f"quantization: int4 needs out_features divisible by {INT4_N_MULTIPLE}; "
                                  f"{name} has {out_features} (use int8)")
-        q, scales = self._quantized(name, weight, group)
+        q, scales = self._quantized(name, weight, mode, group)
         return QuantLinear(mode, q, scales, bias, self.dtype, group)
 
-    def _quantized(self, name: str, weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _quantized(self, name: str, weight: torch.Tensor, mode: str, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         if f"{name}.q" in self.cached:
             q, scales = self.cached[f"{name}.q"], self.cached[f"{name}.scales"]
-            if self.quant.mode == "int4":
+            if mode == "int4":
                 q = unpack_nibbles(q)
             if tuple(q.shape) != tuple(weight.shape):
                 raise ValueError(f"quant cache {self.cache_path}: {name} has shape {tuple(q.shape)}, "
                                  f"the checkpoint {tuple(weight.shape)}; delete the cache dir")
             return q, scales
-        if self.quant.mode == "int8":
+        if mode == "int8":
             q, scales = quantize_int8(weight)
             self.made[f"{name}.q"] = q
         else:
