@@ -80,6 +80,10 @@ def _serve_args(parser: argparse.ArgumentParser) -> None:
                         help="port of the OpenAI-compatible API started beside tritonserver (default 9000)")
     parser.add_argument("--no-openai", dest="openai_enabled", action="store_false",
                         help="do not start the OpenAI-compatible API")
+    parser.add_argument("--drain-timeout", type=float, default=d.drain_timeout, metavar="SECONDS",
+                        help="on SIGTERM/Ctrl-C: readiness false and new requests refused at once; requests in "
+                        "flight get this long, then end with 'server shutting down' (default 20, under "
+                        "Kubernetes' 30 s grace period)")
 
 
 def _demo_args(parser: argparse.ArgumentParser) -> None:

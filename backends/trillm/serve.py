@@ -6,11 +6,12 @@ import json
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from trillm.launcher import LaunchError, ServerOptions, TritonServer
+from trillm.launcher import EngineWatchdog, LaunchError, ServerOptions, TritonServer
 from trillm.openai.process import OpenAIOptions, OpenAIProcess
 from trillm.templates import render_repository, repository_placeholders
 from trillm.versions import (
@@ -63,6 +64,8 @@ class ServeConfig:
     version_policy: VersionPolicy = field(default_factory=VersionPolicy)
     # Checkpoint of a version whose parameters.json asks for one (default: checkpoint_dir).
     version_checkpoints: dict[int, Path] = field(default_factory=dict)
+    # SIGTERM: readiness false and new requests refused at once, in-flight requests get this long.
+    drain_timeout: float = 20.0
     model_control: str = "none"  # or "explicit" (launcher.ServerOptions)
     admin_key: AdminKey | None = None
     extra_args: list[str] = field(default_factory=list)
@@ -164,7 +167,13 @@ def prepare(config: ServeConfig) -> ServerOptions:
         model_control=config.model_control,
         admin_key=config.admin_key,
         extra_args=list(config.extra_args),
+        drain_timeout=config.drain_timeout,
     )
+
+
+WATCH_PERIOD_S = 0.25  # how often the launcher checks tritonserver and its model stubs
+MAX_RESTARTS = 5  # tritonserver restarts after faults within RESTART_WINDOW_S before giving up
+RESTART_WINDOW_S = 600.0
 
 
 def serve(config: ServeConfig, ready_timeout: float = 600.0) -> int:
@@ -188,7 +197,8 @@ def serve(config: ServeConfig, ready_timeout: float = 600.0) -> int:
         server.wait_ready(ready_timeout)
         if config.openai_enabled:
             openai = OpenAIProcess(OpenAIOptions(server.grpc_url, config.host, config.openai_port,
-                                                 log_file=config.work_dir / "openai.log")).start()
+                                                 log_file=config.work_dir / "openai.log",
+                                                 drain_timeout=config.drain_timeout)).start()
             openai.wait_ready()
             print(f"trillm: OpenAI API {openai.url}/v1 (log: {openai.options.log_file})", flush=True)
         print(
@@ -198,10 +208,26 @@ def serve(config: ServeConfig, ready_timeout: float = 600.0) -> int:
             "  Ctrl-C stops the server.",
             flush=True,
         )
-        while not stop.wait(1.0):
-            if server.process.poll() is not None:
-                print(f"trillm: tritonserver exited with {server.process.returncode}:\n{server.log_tail()}")
-                return 1
+        watchdog = EngineWatchdog(server)
+        watchdog.reset()
+        restarts: list[float] = []
+        while not stop.wait(WATCH_PERIOD_S):
+            fault = (f"tritonserver exited with {server.process.returncode}" if server.process.poll() is not None
+                     else watchdog.crashed())
+            if fault:
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < RESTART_WINDOW_S] + [now]
+                if len(restarts) > MAX_RESTARTS:
+                    print(f"trillm: {fault}; {MAX_RESTARTS} restarts within {RESTART_WINDOW_S:.0f}s already, "
+                          f"giving up. Last lines of {server.log_path}:\n{server.log_tail()}", flush=True)
+                    return 1
+                print(f"trillm: {fault}; restarting tritonserver (not ready until it is back)", flush=True)
+                server.kill()
+                server.start()
+                server.wait_ready(ready_timeout, abort=stop)
+                watchdog.reset()
+                print(f"trillm: tritonserver is back ({time.monotonic() - now:.1f}s after the fault)", flush=True)
+                continue
             if openai is not None and openai.process.poll() is not None:
                 print(f"trillm: the OpenAI server exited with {openai.process.returncode} "
                       f"(log: {openai.options.log_file})", flush=True)
@@ -211,11 +237,16 @@ def serve(config: ServeConfig, ready_timeout: float = 600.0) -> int:
         print(f"trillm: {exc}", flush=True)
         return 1
     finally:
+        # Both drain at once, so the whole stop takes drain_timeout (+4 s at most), not the sum.
+        stopping = []
         if openai is not None:
             print("trillm: stopping the OpenAI server (it lets requests in flight finish)", flush=True)
-            openai.stop()
-        print("trillm: stopping tritonserver", flush=True)
-        server.stop()
+            stopping.append(threading.Thread(target=openai.stop, name="trillm-openai-stop"))
+            stopping[-1].start()
+        print(f"trillm: stopping tritonserver (requests in flight get {config.drain_timeout:g}s)", flush=True)
+        server.stop(config.drain_timeout)
+        for thread in stopping:
+            thread.join()
 
 
 def env_port(name: str, default: int) -> int:

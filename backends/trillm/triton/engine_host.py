@@ -22,7 +22,7 @@ from trillm.tokenizer import load_tokenizer
 from trillm.triton import io
 from trillm.triton import tensors as T
 from trillm.triton.errors import ConfigError, InputError, ServerUnavailable
-from trillm.triton.lifecycle import drain_deadline, watch_parent
+from trillm.triton.lifecycle import drain_deadline, mark_drained, watch_parent
 from trillm.triton.metrics import HostMetrics
 from trillm.triton.params import model_parameters, version_dir
 from trillm.triton.sender import GuardedSender
@@ -175,6 +175,8 @@ class TritonPythonModel:
             left = drain_deadline()
             if left is not None:
                 self.host.drain(left)
+                if self.host.num_calls == 0:
+                    mark_drained()
             try:
                 self.metrics.update(self.host.engine.stats())
             except Exception:  # metrics must never take the model down
