@@ -274,7 +274,10 @@ def _read_cache(path: Path) -> dict[str, torch.Tensor]:
         return {}
     from safetensors.torch import load_file
 
-    return load_file(path / "weights.safetensors")
+    # Copies, not the file's mapping: safetensors places tensors at 8-byte offsets, and
+    # aten._weight_int8pack_mm crashes (SIGSEGV, torch 2.13, AVX-512) on a weight that is
+    # not 64-byte aligned; torch's allocator aligns to 64.
+    return {name: tensor.clone() for name, tensor in load_file(path / "weights.safetensors").items()}
 
 
 def resident_memory_bytes() -> int:
