@@ -57,9 +57,11 @@ def test_auto_picks_per_matmul_from_its_measurements(spec):
 
 
 def test_auto_engine_runs_what_it_reports_and_keeps_its_batch_claim(demo_checkpoint):
-    """The engine's matmuls and KV cache have the dtypes stats() shows; requests together
-    give the tokens they get alone, and the same log-probs bit for bit where the engine
-    claims batch invariance (bfloat16 kernels that round by row count make it say not)."""
+    """The engine's matmuls and KV cache have the dtypes stats() shows. Where it claims
+    batch invariance, requests together get the tokens and log-probs they get alone, bit
+    for bit; where it does not (bfloat16 kernels that round by row count), the probe must
+    have found a matmul no padding fixes, and only lengths are compared: a near tie may
+    then go either way (seen on an AMX Xeon: one of four requests parted)."""
     engine = make_engine(demo_checkpoint, max_model_len=512, enable_prefix_caching=False)
     try:
         stats = engine.stats()
@@ -74,8 +76,11 @@ def test_auto_engine_runs_what_it_reports_and_keeps_its_batch_claim(demo_checkpo
         together = run(engine, reqs)
     finally:
         engine.shutdown()
+    if not stats["batch_invariant"]:
+        assert None in engine.kernels["row_multiples"].values()
     for request in reqs:
         rid = request.request_id
-        assert together[rid].tokens == alone[rid].tokens, rid
+        assert len(together[rid].tokens) == len(alone[rid].tokens) == 12, rid
         if stats["batch_invariant"]:
+            assert together[rid].tokens == alone[rid].tokens, rid
             assert together[rid].log_probs == alone[rid].log_probs, rid

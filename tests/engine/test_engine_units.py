@@ -160,6 +160,32 @@ def test_probe_finds_a_kernel_that_rounds_lone_rows_differently():
     assert smallest_row_multiple([variants], 48) == 2
 
 
+def test_probe_stops_once_no_padding_can_work():
+    """A matmul whose rows differ below 33 rows (oneDNN's bfloat16 AMX kernels) needs a
+    padding beyond ROW_MULTIPLES: the probe stops at the first count that rules out the
+    last candidate instead of running every row count of the step."""
+    from trillm.engine import linear as linear_module
+    from trillm.engine.linear import ROW_MULTIPLES, Linear, row_variant_counts, smallest_row_multiple
+
+    calls = []
+
+    class SmallBatchesDiffer(Linear):
+        def __call__(self, x):
+            calls.append(x.shape[0])
+            y = super().__call__(x)
+            return y + 1e-3 if x.shape[0] <= 32 else y
+
+    layer = SmallBatchesDiffer(torch.randn(24, 40, generator=torch.Generator().manual_seed(2)))
+    key = (layer.shape_key, 300, torch.get_num_threads())
+    linear_module._probe_cache.pop(key, None)
+    try:
+        variants = row_variant_counts(layer, 300)
+    finally:
+        linear_module._probe_cache.pop(key, None)
+    assert smallest_row_multiple([variants], 300) is None
+    assert len(calls) == 1 + ROW_MULTIPLES[-1]  # the reference call, then 1 .. 16 rows
+
+
 def test_smallest_row_multiple_skips_variant_counts():
     from trillm.engine.linear import smallest_row_multiple
 

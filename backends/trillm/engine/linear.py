@@ -30,7 +30,10 @@ import torch
 import torch.nn.functional as F
 
 # Candidate paddings, smallest first; the probe's largest call is a multiple of all of them.
-ROW_MULTIPLES = (1, 2, 4, 8, 16, 32, 64)
+# No larger: padding a lone decode to more rows multiplies its matmul work by more than
+# the invariance is worth (oneDNN's bfloat16 AMX kernels are row-invariant only from 33
+# rows on, so they would need 64); such matmuls run unpadded and the engine says so.
+ROW_MULTIPLES = (1, 2, 4, 8, 16)
 
 
 # The dtypes oneDNN's prepacked linear is tried for, with the tolerance its agreement
@@ -107,6 +110,8 @@ def row_variant_counts(linear: Linear, max_rows: int) -> frozenset[int]:
     Runs ``linear`` on every row count from 1 to ``max_rows`` padded to the
     largest of ROW_MULTIPLES, on this CPU and thread count; cached per kernel
     shape, row limit and thread count (what the kernel choice depends on).
+    Stops once every candidate multiple has a variant count (then no padding
+    works, whatever the larger counts do: bfloat16's probe ends after 16 calls).
     """
     key = (linear.shape_key, max_rows, torch.get_num_threads())
     if key not in _probe_cache:
@@ -115,8 +120,13 @@ def row_variant_counts(linear: Linear, max_rows: int) -> frozenset[int]:
         x = torch.randn(largest, linear.in_features, generator=generator).to(linear.dtype)
         with torch.inference_mode():
             reference = linear(x)
-            _probe_cache[key] = frozenset(n for n in range(1, largest)
-                                          if not torch.equal(linear(x[:n]), reference[:n]))
+            variants: set[int] = set()
+            for n in range(1, largest):
+                if not torch.equal(linear(x[:n]), reference[:n]):
+                    variants.add(n)
+                    if all(any(v % m == 0 for v in variants) for m in ROW_MULTIPLES):
+                        break
+            _probe_cache[key] = frozenset(variants)
     return _probe_cache[key]
 
 

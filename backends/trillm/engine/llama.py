@@ -95,18 +95,17 @@ class LlamaModel:
         step = {"qkv": layer.qkv, "o": layer.o, "gate_up": layer.gate_up, "down": layer.down}
         variants = {name: row_variant_counts(lin, max_step_rows) for name, lin in step.items()}
         head_variants = row_variant_counts(self.lm_head, max_sample_rows)
-        step_multiple = _affordable(smallest_row_multiple(list(variants.values()), max_step_rows))
-        head_multiple = _affordable(smallest_row_multiple([head_variants], max_sample_rows))
+        step_multiple = smallest_row_multiple(list(variants.values()), max_step_rows)
+        head_multiple = smallest_row_multiple([head_variants], max_sample_rows)
         self.batch_invariant = step_multiple is not None and head_multiple is not None
         self.row_multiple = step_multiple or 1
         self.head_row_multiple = head_multiple or 1
         per_matmul = {name: smallest_row_multiple([v], max_step_rows) for name, v in variants.items()}
-        per_matmul["lm_head"] = smallest_row_multiple([head_variants], max_sample_rows)
+        per_matmul["lm_head"] = head_multiple
         return {
             "batch_invariant": self.batch_invariant,
             "linear_kernel": layer.qkv.kernel,
-            # None: no padding makes that matmul row-invariant here; above MAX_ROW_MULTIPLE: not applied
-            "row_multiples": per_matmul,
+            "row_multiples": per_matmul,  # None: no padding of ROW_MULTIPLES makes that matmul row-invariant here
             "step_row_multiple": self.row_multiple,
             "head_row_multiple": self.head_row_multiple,
         }
@@ -140,16 +139,6 @@ class LlamaModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [rows, vocab] for hidden states [rows, hidden]."""
         return self.lm_head(rms_norm(hidden, self.norm, self.spec.rms_norm_eps)).float()
-
-
-# Padding beyond this many rows would multiply a lone decode's matmul work by more
-# than it saves elsewhere (oneDNN's bfloat16 AMX kernels are row-invariant only
-# from 33 rows on, so they would need 64): unpadded, and reported not invariant.
-MAX_ROW_MULTIPLE = 16
-
-
-def _affordable(multiple: int | None) -> int | None:
-    return multiple if multiple is not None and multiple <= MAX_ROW_MULTIPLE else None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
