@@ -50,6 +50,10 @@ def server(demo_model_dir, demo_model_v2_dir, admin_key, tmp_path_factory):
         metrics_port=free_port(),
         max_model_len=512,
         max_input_len=256,
+        # The exactness checks (every transport and a request alone or under traffic give the same
+        # text) rest on batch invariance, which the engine guarantees on its float32 path; dtype auto
+        # picks bf16 on AMX CPUs and says it is then not batch-invariant (tests/engine covers auto).
+        dtype="float32",
         version_policy=VersionPolicy.parse("specific:1"),
         model_control="explicit",
         admin_key=admin_key,
