@@ -40,14 +40,14 @@ def one_mode(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    engine = TorchEngine(EngineConfig(checkpoint_dir=str(args.checkpoint), quantization=args.one,
+    engine = TorchEngine(EngineConfig(checkpoint_dir=str(args.checkpoint), dtype=args.dtype, quantization=args.one,
                                       quant_group_size=args.group_size, max_model_len=1024,
                                       max_num_seqs=max(args.concurrency, 8), enable_prefix_caching=False))
     load_s = time.perf_counter() - start
     try:
         rss_loaded = resident_memory_bytes()
         bench_engine(engine, make_workload(1, BenchConfig(output_tokens=(4, 4)), engine.vocab_size), 1, "warm-up")
-        row = {"mode": args.one, "group_size": args.group_size if args.one == "int4" else None,
+        row = {"mode": args.one, "dtype": args.dtype, "group_size": args.group_size if args.one == "int4" else None,
                "load_s": load_s, "from_cache": engine.quantization["from_cache"],
                "kernel": engine.kernels["linear_kernel"], "batch_invariant": engine.kernels["batch_invariant"],
                "step_row_multiple": engine.kernels["step_row_multiple"],
@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--modes", nargs="+", default=["none", "int8", "int4"])
     parser.add_argument("--group-size", type=int, default=32, help="int4 group size")
+    parser.add_argument("--dtype", default="float32",
+                        help="the engine's dtype (default float32, the issue's baseline; the quantised matmuls run in bf16)")
     parser.add_argument("--prompt", type=int, default=128, help="prompt tokens of the batch-1 request")
     parser.add_argument("--tokens", type=int, default=128, help="tokens it generates")
     parser.add_argument("--concurrency", type=int, default=0, help="also a closed loop of this many clients")
@@ -92,11 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for mode in args.modes:
         child = [sys.executable, "-m", "benchmarks.quant", "--one", mode, "--bandwidth", str(gb_s),
-                 "--checkpoint", str(args.checkpoint), "--group-size", str(args.group_size),
+                 "--checkpoint", str(args.checkpoint), "--dtype", args.dtype, "--group-size", str(args.group_size),
                  "--prompt", str(args.prompt), "--tokens", str(args.tokens),
                  "--concurrency", str(args.concurrency), "--threads", str(args.threads)]
-        out = subprocess.run(child, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-        row = json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run(child, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:  # one mode failing must not lose the others' figures
+            rows.append({"mode": mode, "error": f"exit {done.returncode}: {done.stderr[-2000:]}"})
+            print(f"{mode:<9} FAILED (exit {done.returncode}):\n{done.stderr[-2000:]}", flush=True)
+            continue
+        row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(format_row(row, args.concurrency), flush=True)
     result = {"cpu": cpu.as_dict(), "memory_bandwidth": bandwidth, "checkpoint": str(args.checkpoint),
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
-    return 0
+    return 1 if any("error" in row for row in rows) else 0
 
 
 def format_row(row: dict, concurrency: int = 0) -> str:
