@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import engine_helpers as H
-from trillm.engine import EngineConfig, GenerationRequest
+from trillm.engine import EngineConfig
 from trillm.engine.checkpoint import LlamaSpec, load_tensors, read_config
 from trillm.engine.quant import (
     QuantLinear,
