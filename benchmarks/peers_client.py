@@ -23,13 +23,14 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 from tokenizers import Tokenizer
 
 from benchmarks.bench_engine import latency_row
+from benchmarks.served import RequestStats  # one record per request, as make bench's served rows
 
 REQUEST_TIMEOUT_S = 600.0  # one request; a stalled server fails its requests instead of hanging the run
 
@@ -40,17 +41,6 @@ class Workload:
     output_tokens: int = 128
     requests_per_client: int = 2
     seed: int = 16
-
-
-@dataclass
-class RequestStats:
-    ttft: float = 0.0
-    itls: list[float] = field(default_factory=list)
-    e2e: float = 0.0
-    output_tokens: int = 0
-    input_tokens: int = 0
-    error: str | None = None
-    first_wave: bool = False  # a client's first request: they all leave together
 
 
 class Prompts:
