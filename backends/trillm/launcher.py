@@ -338,23 +338,30 @@ class TritonServer:
                 stubs[pid] = (model_file.parent.parent.name, model_file.parent.name)
         return stubs
 
-    def model_ready(self, model: str, version: str) -> bool:
+    def model_ready(self, model: str, version: str) -> bool | None:
+        """Whether tritonserver calls this model version ready; None when it did not answer."""
         url = f"http://{self.http_url}/v2/models/{model}/versions/{version}/ready"
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 return r.status == 200
-        except (urllib.error.URLError, OSError):
+        except urllib.error.HTTPError:
             return False
+        except (urllib.error.URLError, OSError):
+            return None
 
     def _group_processes(self) -> Iterator[tuple[int, list[str]]]:
         """(pid, argv) of the live processes in the server's process group."""
         for proc in Path("/proc").glob("[0-9]*"):
             try:
                 stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(stat[2]) != self.process.pid or stat[0] == "Z":
+                    continue
+                # Only our own group's command lines: reading one takes the target's memory-map
+                # lock, which another process tearing down a large address space can hold.
                 argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
             except (OSError, ValueError, IndexError):
                 continue
-            if int(stat[2]) == self.process.pid and stat[0] != "Z" and argv[0]:
+            if argv[0]:
                 yield int(proc.name), argv
 
     def _kill_stray_stubs(self) -> None:
@@ -400,29 +407,38 @@ class EngineWatchdog:
     tritonserver 2.51 does not restart a crashed Python-backend stub and keeps
     answering ready for it, while every request fails "Stub process ... is not
     healthy". A stub that exits because its model was unloaded is no crash:
-    its model is no longer ready (checked twice, 0.3 s apart, to pass the
-    moment of unloading).
+    its model is no longer ready, or a new stub serves it (a reload). A stub
+    gone is watched until one of those is seen, so a slow answer from
+    tritonserver cannot make a crash pass unnoticed; it is a crash once its
+    model is still ready, with no stub, on two checks in a row.
     """
 
     def __init__(self, server: TritonServer) -> None:
         self.server = server
         self.known: dict[int, tuple[str, str]] = {}
+        self.suspects: dict[int, tuple[tuple[str, str], int]] = {}  # pid -> (model, version), checks seen ready
 
     def reset(self) -> None:
         self.known = self.server.stub_processes()
+        self.suspects = {}
 
     def crashed(self) -> str | None:
         """A description of a crashed stub, or None. Call it periodically."""
         current = self.server.stub_processes()
-        gone = {pid: mv for pid, mv in self.known.items() if pid not in current}
+        for pid, model_version in self.known.items():
+            if pid not in current:
+                self.suspects[pid] = (model_version, 0)
         self.known = current
-        for pid, (model, version) in gone.items():
-            if not self.server.model_ready(model, version):
-                continue
-            time.sleep(0.3)
-            respawned = (model, version) in self.server.stub_processes().values()
-            if self.server.model_ready(model, version) and not respawned:
-                return f"the stub of model {model!r} version {version} (pid {pid}) died"
+        serving = set(current.values())
+        for pid, (model_version, seen) in list(self.suspects.items()):
+            ready = None if model_version in serving else self.server.model_ready(*model_version)
+            if model_version in serving or ready is False:
+                del self.suspects[pid]  # reloaded, or unloaded
+            elif ready:
+                if seen + 1 >= 2:
+                    model, version = model_version
+                    return f"the stub of model {model!r} version {version} (pid {pid}) died"
+                self.suspects[pid] = (model_version, seen + 1)
         return None
 
 
