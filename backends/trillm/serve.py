@@ -195,6 +195,9 @@ def serve(config: ServeConfig, ready_timeout: float = 600.0) -> int:
             flush=True,
         )
         server.wait_ready(ready_timeout)
+        # Which stubs are alive, before "ready" is printed: a stub dead before this is not seen.
+        watchdog = EngineWatchdog(server)
+        watchdog.reset()
         if config.openai_enabled:
             openai = OpenAIProcess(OpenAIOptions(server.grpc_url, config.host, config.openai_port,
                                                  log_file=config.work_dir / "openai.log",
@@ -208,8 +211,6 @@ def serve(config: ServeConfig, ready_timeout: float = 600.0) -> int:
             "  Ctrl-C stops the server.",
             flush=True,
         )
-        watchdog = EngineWatchdog(server)
-        watchdog.reset()
         restarts: list[float] = []
         while not stop.wait(WATCH_PERIOD_S):
             fault = (f"tritonserver exited with {server.process.returncode}" if server.process.poll() is not None
