@@ -525,6 +525,10 @@ def test_stop_kills_a_stub_that_outlived_its_server(tmp_path):
     server.process.wait(timeout=10)
     server._backend_dir = backend_dir
     os.kill(straggler, 0)  # alive, its server gone
+    started = time.monotonic()  # the background subshell may not have exec'd as the stub yet
+    while not Path(f"/proc/{straggler}/cmdline").read_bytes().startswith(str(stub).encode()):
+        assert time.monotonic() - started < 10, "the fake stub never started"
+        time.sleep(0.01)
     server.stop()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
