@@ -415,6 +415,10 @@ class EngineWatchdog:
 
     def __init__(self, server: TritonServer) -> None:
         self.server = server
+        # Without explicit model control nothing unloads a model while the server runs, so a stub
+        # gone is a crash at once (tritonserver may even be restarting it itself, answering 400s
+        # meanwhile: restarting the server turns that into refused connections, UNAVAILABLE).
+        self.unloads_possible = server.options.model_control == "explicit"
         self.known: dict[int, tuple[str, str]] = {}
         self.suspects: dict[int, tuple[tuple[str, str], int]] = {}  # pid -> (model, version), checks seen ready
 
@@ -429,8 +433,11 @@ class EngineWatchdog:
             if pid not in current:
                 self.suspects[pid] = (model_version, 0)
         self.known = current
+        if not self.unloads_possible:
+            for pid, ((model, version), _) in self.suspects.items():
+                return f"the stub of model {model!r} version {version} (pid {pid}) died"
         serving = set(current.values())
-        for pid, (model_version, seen) in list(self.suspects.items()):
+        for pid, (model_version, seen) in list(self.suspects.items()):  # explicit control: unload or crash?
             ready = None if model_version in serving else self.server.model_ready(*model_version)
             if model_version in serving or ready is False:
                 del self.suspects[pid]  # reloaded, or unloaded
