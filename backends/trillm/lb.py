@@ -158,20 +158,27 @@ def _proxy_common(config: BalancerConfig, prefix: str, retry_on: str) -> str:
     )
 
 
-def _http_server(config: BalancerConfig) -> str:
-    admin = "".join(
-        f"        location ~ {path} {{\n            return 403 {_quote(_json_error(ADMIN_REFUSAL))};\n        }}\n"
-        for path in ADMIN_HTTP_PATHS
-    )
+def _http_server_head(config: BalancerConfig, port: int) -> str:
+    """The opening of an HTTP server block proxying to replicas (the Triton and OpenAI ports share it)."""
     return (
         "    server {\n"
-        f"        listen {config.listen_host}:{config.http_port};\n"
+        f"        listen {config.listen_host}:{port};\n"
         "        default_type application/json;\n"
         "        client_max_body_size 16m;\n"
         "        proxy_http_version 1.1;\n"
         '        proxy_set_header Connection "";\n'
         "        proxy_set_header Host $host;\n"
         "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n"
+    )
+
+
+def _http_server(config: BalancerConfig) -> str:
+    admin = "".join(
+        f"        location ~ {path} {{\n            return 403 {_quote(_json_error(ADMIN_REFUSAL))};\n        }}\n"
+        for path in ADMIN_HTTP_PATHS
+    )
+    return (
+        _http_server_head(config, config.http_port)
         + _proxy_common(config, "proxy", "error timeout http_502 http_503")
         + "        error_page 502 504 = @no_replica;\n"
         + admin
@@ -228,16 +235,9 @@ def _grpc_server(config: BalancerConfig) -> str:
 
 def _openai_server(config: BalancerConfig) -> str:
     return (
-        "    server {\n"
-        f"        listen {config.listen_host}:{config.openai_port};\n"
-        "        default_type application/json;\n"
-        "        client_max_body_size 16m;\n"
-        "        proxy_http_version 1.1;\n"
-        '        proxy_set_header Connection "";\n'
-        "        proxy_set_header Host $host;\n"
-        "        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n"
+        _http_server_head(config, config.openai_port)
         # stream: true answers are server-sent events.
-        "        proxy_buffering off;\n"
+        + "        proxy_buffering off;\n"
         + _proxy_common(config, "proxy", "error timeout http_502 http_503")
         + "        error_page 502 504 = @no_replica;\n"
         "        location /v1/ {\n"
