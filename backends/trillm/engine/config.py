@@ -12,11 +12,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-# "auto": the fastest correct precision on this CPU, per matmul, measured at load (precision.py).
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-# Weight-only quantisation of every linear and the LM head (trillm.engine.quant).
-QUANTIZATIONS = ("none", "int8", "int4")
-QUANT_GROUP_SIZES = (32, 64, 128)
+from trillm.options import DTYPES, ENGINE_OPTIONS, QUANT_GROUP_SIZES, QUANTIZATIONS, first_problem, option_fields
+
+__all__ = ["DTYPES", "QUANTIZATIONS", "QUANT_GROUP_SIZES", "EngineConfig", "EngineLimits", "resolve_limits"]
+
 DEFAULT_MAX_MODEL_LEN = 4096
 KV_CACHE_MEMORY_FRACTION = 0.25  # of MemAvailable after the weights are loaded
 KV_CACHE_MAX_BYTES = 16 << 30
@@ -32,21 +31,12 @@ DEFAULT_PREFILL_CHUNKS_PER_STEP = 4
 
 
 @dataclass
+@option_fields(ENGINE_OPTIONS)
 class EngineConfig:
+    """The checkpoint, then a field per engine option (``engine=True`` in trillm.options, whose
+    entries say what each means, its default and its rule; zeros derive)."""
+
     checkpoint_dir: str
-    dtype: str = "auto"  # one of DTYPES
-    max_num_seqs: int = 0  # max concurrent sequences; 0 = derive from machine
-    max_model_len: int = 0  # prompt+output limit; 0 = min(config.max_position_embeddings, 4096)
-    max_num_batched_tokens: int = 0  # tokens per step (prefill chunk budget); 0 = derive
-    kv_cache_blocks: int = 0  # 0 = derive from memory (a fraction of free RAM, capped)
-    block_size: int = 16
-    num_threads: int = 0  # torch intra-op threads; 0 = torch default
-    enable_prefix_caching: bool = True
-    quantization: str = "none"  # one of QUANTIZATIONS
-    # int4: inputs per scale and zero, one of QUANT_GROUP_SIZES. 32: llama.cpp's Q4_0/Q4_1
-    # block, and the one size that divides every Llama hidden size (SmolLM2's 576 is not a
-    # multiple of 128); 64 is a little faster and less exact (docs/benchmarks.md "Quantisation").
-    quant_group_size: int = 32
 
     def validate(self) -> None:
         """Raise ValueError naming the field and the rule it breaks."""
@@ -54,14 +44,10 @@ class EngineConfig:
             raise ValueError("checkpoint_dir: must be a non-empty path")
         if not (Path(self.checkpoint_dir) / "config.json").is_file():
             raise ValueError(f"checkpoint_dir: no config.json in {self.checkpoint_dir}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
-        for name in ("max_num_seqs", "max_model_len", "max_num_batched_tokens", "kv_cache_blocks", "num_threads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name}: must be an integer >= 0 (0 = derive), got {value!r}")
-        if not isinstance(self.block_size, int) or not 1 <= self.block_size <= 1024:
-            raise ValueError(f"block_size: must be an integer in [1, 1024], got {self.block_size!r}")
+        broken = first_problem(self, ENGINE_OPTIONS)
+        if broken:
+            name, problem = broken
+            raise ValueError(f"{name}: {problem}")
         if self.max_num_seqs and self.max_num_batched_tokens and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens: must be >= max_num_seqs ({self.max_num_seqs}) so that every running "
@@ -72,12 +58,6 @@ class EngineConfig:
                 f"kv_cache_blocks: {self.kv_cache_blocks} blocks of {self.block_size} tokens cannot hold one "
                 f"sequence of max_model_len {self.max_model_len}"
             )
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(f"enable_prefix_caching: must be a bool, got {self.enable_prefix_caching!r}")
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"quantization: must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        if self.quant_group_size not in QUANT_GROUP_SIZES or isinstance(self.quant_group_size, bool):
-            raise ValueError(f"quant_group_size: must be one of {QUANT_GROUP_SIZES}, got {self.quant_group_size!r}")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from trillm.host import GenerationHost, HostRequest, HostResponse
+from trillm.options import ENGINE_OPTIONS, TENSORRT_LLM, first_problem, model_options, option_fields
 from trillm.tokenizer import load_tokenizer
 from trillm.triton import io
 from trillm.triton import tensors as T
@@ -27,32 +28,17 @@ from trillm.triton.metrics import HostMetrics
 from trillm.triton.params import model_parameters, version_dir
 from trillm.triton.sender import GuardedSender
 
-ENGINE_KINDS = ("torch", "tensorrt_llm")
-
 
 @dataclass
+@option_fields(model_options(TENSORRT_LLM))
 class EngineHostParams:
-    checkpoint_dir: str
-    engine_kind: str = "torch"
-    tokenizer_dir: str = ""  # default: checkpoint_dir
-    engine_dir: str = ""  # TensorRT-LLM engine (engine_kind tensorrt_llm)
-    dtype: str = "auto"  # trillm.engine.config.DTYPES
-    quantization: str = "none"  # none, int8, int4 (trillm.engine.quant)
-    quant_group_size: int = 32
-    max_num_seqs: int = 0
-    max_model_len: int = 0
-    max_num_batched_tokens: int = 0
-    kv_cache_blocks: int = 0
-    block_size: int = 16
-    num_threads: int = 0
-    enable_prefix_caching: bool = True
-    skip_special_tokens: bool = True
-    # What exclude_input_in_output means when the client does not send it.
-    default_exclude_input_in_output: bool = True
+    """This model's parameters: a field per option of trillm.options that names ``tensorrt_llm``."""
 
     def validate(self) -> None:
-        if self.engine_kind not in ENGINE_KINDS:
-            raise ConfigError(f"parameter 'engine_kind': must be one of {ENGINE_KINDS}, got {self.engine_kind!r}")
+        broken = first_problem(self, model_options(TENSORRT_LLM))
+        if broken:
+            name, problem = broken
+            raise ConfigError(f"parameter '{name}': {problem}")
 
 
 def create_engine(params: EngineHostParams, version_dir: str | None = None):
@@ -64,19 +50,8 @@ def create_engine(params: EngineHostParams, version_dir: str | None = None):
         return create_trtllm_engine(params, version_dir=version_dir)
     from trillm.engine import EngineConfig, TorchEngine
 
-    config = EngineConfig(
-        checkpoint_dir=params.checkpoint_dir,
-        dtype=params.dtype,
-        quantization=params.quantization,
-        quant_group_size=params.quant_group_size,
-        max_num_seqs=params.max_num_seqs,
-        max_model_len=params.max_model_len,
-        max_num_batched_tokens=params.max_num_batched_tokens,
-        kv_cache_blocks=params.kv_cache_blocks,
-        block_size=params.block_size,
-        num_threads=params.num_threads,
-        enable_prefix_caching=params.enable_prefix_caching,
-    )
+    config = EngineConfig(checkpoint_dir=params.checkpoint_dir,
+                          **{option.name: getattr(params, option.name) for option in ENGINE_OPTIONS})
     config.validate()
     return TorchEngine(config)
 
