@@ -15,9 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from trillm.engine.config import QUANT_GROUP_SIZES, QUANTIZATIONS
 from trillm.launcher import MODEL_CONTROL_MODES, LaunchError
 from trillm.openai import options as openai_options
+from trillm.options import add_arguments as add_option_arguments
 from trillm.serve import ServeConfig, env_port, prepare, serve
 from trillm.trtllm import build as trtllm_build
 from trillm.versions import VersionError, VersionPolicy, checkpoint_versions, model_versions
@@ -41,31 +41,15 @@ def _version_checkpoint(text: str) -> tuple[int, Path]:
 
 def _serve_args(parser: argparse.ArgumentParser) -> None:
     d = ServeConfig(checkpoint_dir=Path("."))
-    parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="local Hugging Face Llama-style checkpoint dir or llama.cpp .gguf file (converted once, "
-                        "cached) (default: the demo model, built if missing)")
-    parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer dir (default: the checkpoint)")
+    add_option_arguments(parser)
     parser.add_argument("--model-repository", type=Path, default=d.model_repository)
     parser.add_argument("--work-dir", type=Path, default=d.work_dir, help="where the rendered repository and log go")
-    parser.add_argument("--engine", dest="engine_kind", choices=["torch", "tensorrt_llm"], default=d.engine_kind)
-    parser.add_argument("--engine-dir", default=d.engine_dir, help="TensorRT-LLM engine dir (engine tensorrt_llm)")
     parser.add_argument("--host", default=d.host, help="address to bind (default loopback only)")
     parser.add_argument("--http-port", type=int, default=env_port("HTTP_PORT", d.http_port))
     parser.add_argument("--grpc-port", type=int, default=env_port("GRPC_PORT", d.grpc_port))
     parser.add_argument("--metrics-port", type=int, default=env_port("METRICS_PORT", d.metrics_port))
-    for name in ("dtype", "max_batch_size", "max_model_len", "max_input_len", "max_num_seqs",
-                 "max_num_batched_tokens", "kv_cache_blocks", "block_size", "num_threads"):
-        default = getattr(d, name)
-        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
-    parser.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    parser.add_argument("--quantization", choices=QUANTIZATIONS, default=d.quantization,
-                        help="weight-only quantisation of every linear and the LM head, at load (cached under build/quant)")
-    parser.add_argument("--quant-group-size", type=int, choices=QUANT_GROUP_SIZES, default=d.quant_group_size,
-                        help="int4: inputs per scale and zero (default 32, llama.cpp's Q4 block)")
     parser.add_argument("--triton-arg", dest="extra_args", action="append", default=[], metavar="ARG",
                         help="pass ARG on to tritonserver (repeatable), e.g. --triton-arg=--log-verbose=1")
-    parser.add_argument("--echo-prompt", dest="default_exclude_input_in_output", action="store_false",
-                        help="return the prompt before the generated text when a request does not say")
     parser.add_argument("--version-policy", type=_policy, default=d.version_policy, metavar="POLICY",
                         help="versions to load: latest (default, the highest), latest:N, all, specific:V[,V...]; "
                         "unpinned requests get the highest loaded, and the ensemble serves only that one")
@@ -124,7 +108,7 @@ def _admin_key():
 
 
 def _config(args: argparse.Namespace) -> ServeConfig:
-    checkpoint = args.checkpoint
+    checkpoint = args.checkpoint_dir
     version_checkpoints = dict(args.version_checkpoints)
     if checkpoint is None:
         from trillm.demo_model import build_demo_models
@@ -137,9 +121,10 @@ def _config(args: argparse.Namespace) -> ServeConfig:
 
     checkpoint = resolve_checkpoint(checkpoint)
     version_checkpoints = {version: resolve_checkpoint(path) for version, path in version_checkpoints.items()}
-    tokenizer = resolve_checkpoint(args.tokenizer) if args.tokenizer else None
-    fields = {f.name for f in dataclasses.fields(ServeConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields and k != "version_checkpoints"}
+    tokenizer = resolve_checkpoint(args.tokenizer_dir) if args.tokenizer_dir else None
+    resolved = {"checkpoint_dir", "tokenizer_dir", "version_checkpoints"}
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)
+              if hasattr(args, f.name) and f.name not in resolved}
     return ServeConfig(checkpoint_dir=Path(checkpoint), tokenizer_dir=tokenizer,
                        version_checkpoints=version_checkpoints, admin_key=_admin_key(), **values)
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from trillm.launcher import EngineWatchdog, LaunchError, ServerOptions, TritonServer
 from trillm.openai.process import OpenAIOptions, OpenAIProcess
+from trillm.options import OPTIONS, RENDERED_MODELS, first_problem, option_fields, parameters_pbtxt, pbtxt_value
 from trillm.templates import render_repository, repository_placeholders
 from trillm.versions import (
     VERSION_PLACEHOLDER,
@@ -28,31 +29,22 @@ if TYPE_CHECKING:
 DEFAULT_MAX_MODEL_LEN_CAP = 4096
 
 
+# ServeConfig's options: all but the two paths, which it declares itself (a checkpoint is resolved here).
+SERVE_OPTIONS = tuple(option for option in OPTIONS if option.kind is not Path)
+
+
 @dataclass
+@option_fields(SERVE_OPTIONS)
 class ServeConfig:
-    """Everything that goes into the rendered config.pbtxt files (README "Configuration")."""
+    """Everything that goes into the rendered config.pbtxt files (README "Configuration").
+
+    Its own fields, then one per option of trillm.options but the paths.
+    """
 
     checkpoint_dir: Path
     model_repository: Path = Path("model_repository")
     work_dir: Path = Path("build/serve")
-    tokenizer_dir: Path | None = None
-    engine_kind: str = "torch"
-    engine_dir: str = ""
-    dtype: str = "auto"  # auto: measured per matmul on this CPU (trillm.engine.precision)
-    quantization: str = "none"  # none, int8, int4: weight-only, every linear and the LM head
-    quant_group_size: int = 32  # int4: inputs per scale and zero (32, 64, 128)
-    max_batch_size: int = 64
-    max_model_len: int = 0  # 0 = min(max_position_embeddings, 4096)
-    max_input_len: int = 0  # 0 = max_model_len - 1
-    max_num_seqs: int = 0
-    max_num_batched_tokens: int = 0
-    kv_cache_blocks: int = 0
-    block_size: int = 16
-    num_threads: int = 0
-    enable_prefix_caching: bool = True
-    add_special_tokens: bool = True
-    skip_special_tokens: bool = True
-    default_exclude_input_in_output: bool = True
+    tokenizer_dir: Path | None = None  # None: the checkpoint's
     preprocessing_instances: int = 1
     postprocessing_instances: int = 1
     bls_instances: int = 1
@@ -92,8 +84,8 @@ class ServeConfig:
             match = VERSION_PLACEHOLDER.match(name)
             if match:
                 kind, version = match.group(1), int(match.group(2))
-                path = self.checkpoint_of(version) if kind == "checkpoint_dir" else self.tokenizer_of(version)
-                values[name] = path.resolve()
+                of = {"checkpoint_dir": self.checkpoint_of, "tokenizer_dir": self.tokenizer_of}[kind]
+                values[name] = of(version).resolve()
         taking = checkpoint_versions(self.model_repository)
         unused = sorted(set(self.version_checkpoints) - taking)
         if unused:
@@ -110,28 +102,21 @@ class ServeConfig:
         config = json.loads((self.checkpoint_dir / "config.json").read_text())
         return min(int(config.get("max_position_embeddings", 2048)), DEFAULT_MAX_MODEL_LEN_CAP)
 
+    def option_values(self) -> dict[str, object]:
+        """Every option's value as the models take it: paths resolved, max_model_len derived."""
+        values: dict[str, object] = {option.name: getattr(self, option.name) for option in SERVE_OPTIONS}
+        values.update(
+            checkpoint_dir=self.checkpoint_dir.resolve(),
+            tokenizer_dir=(self.tokenizer_dir or self.checkpoint_dir).resolve(),
+            max_model_len=self.resolved_max_model_len(),
+        )
+        return {name: pbtxt_value(value) for name, value in values.items()}
+
     def template_values(self) -> dict[str, object]:
-        b = lambda v: "true" if v else "false"  # noqa: E731
+        values = self.option_values()
         return {
-            "checkpoint_dir": self.checkpoint_dir.resolve(),
-            "tokenizer_dir": (self.tokenizer_dir or self.checkpoint_dir).resolve(),
-            "engine_kind": self.engine_kind,
-            "engine_dir": self.engine_dir,
-            "dtype": self.dtype,
-            "quantization": self.quantization,
-            "quant_group_size": self.quant_group_size,
-            "max_batch_size": self.max_batch_size,
-            "max_model_len": self.resolved_max_model_len(),
-            "max_input_len": self.max_input_len,
-            "max_num_seqs": self.max_num_seqs,
-            "max_num_batched_tokens": self.max_num_batched_tokens,
-            "kv_cache_blocks": self.kv_cache_blocks,
-            "block_size": self.block_size,
-            "num_threads": self.num_threads,
-            "enable_prefix_caching": b(self.enable_prefix_caching),
-            "add_special_tokens": b(self.add_special_tokens),
-            "skip_special_tokens": b(self.skip_special_tokens),
-            "default_exclude_input_in_output": b(self.default_exclude_input_in_output),
+            **{option.name: values[option.name] for option in OPTIONS if option.placeholder},
+            **{f"{model}_parameters": parameters_pbtxt(model, values) for model in RENDERED_MODELS},
             "preprocessing_instances": self.preprocessing_instances,
             "postprocessing_instances": self.postprocessing_instances,
             "bls_instances": self.bls_instances,
@@ -150,6 +135,10 @@ def check_checkpoint(path: Path) -> None:
 
 def prepare(config: ServeConfig) -> ServerOptions:
     """Render the repository into the work dir; return the server options."""
+    broken = first_problem(config, SERVE_OPTIONS)
+    if broken:
+        name, problem = broken
+        raise LaunchError(f"{name}: {problem}")
     for checkpoint in {config.checkpoint_dir, *config.version_checkpoints.values()}:
         check_checkpoint(checkpoint)
     rendered = config.work_dir / "model_repository"

@@ -20,6 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from trillm.options import OPTIONS
 from trillm.templates import repository_placeholders
 
 POLICY_KINDS = ("latest", "all", "specific")
@@ -163,8 +164,9 @@ def add_pipeline_version(repository: Path, version: int) -> dict[str, Path]:
     return created
 
 
-# Per-version placeholders of parameters.json templates, e.g. ${checkpoint_dir_v2}.
-VERSION_PLACEHOLDER = re.compile(r"^(checkpoint_dir|tokenizer_dir)_v(\d+)$")
+# Per-version placeholders of parameters.json templates, e.g. ${checkpoint_dir_v2}: one for each
+# option that takes a value per version (trillm.options, per_version).
+VERSION_PLACEHOLDER = re.compile(rf"^({'|'.join(o.name for o in OPTIONS if o.per_version)})_v(\d+)$")
 
 
 def checkpoint_versions(repository: Path) -> set[int]:
