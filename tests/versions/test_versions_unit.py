@@ -34,6 +34,8 @@ pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = ROOT / "model_repository"
 KEY = "0123456789abcdef-not-a-real-key"
+# What the shipped version 2 changes besides its checkpoint: weight-only int4, groups of 32.
+V2_QUANTIZATION = {"quantization": "int4", "quant_group_size": "32"}
 
 
 # --- version policies ------------------------------------------------------------
@@ -133,7 +135,7 @@ def test_version_2_gets_its_own_checkpoint_and_tokenizer(tmp_path):
     v2 = fake_checkpoint(tmp_path / "v2")
     out = render(tmp_path, version_checkpoints={2: v2})
     assert json.loads((out / "tensorrt_llm/2/parameters.json").read_text()) == {
-        "checkpoint_dir": str(v2.resolve()), "tokenizer_dir": str(v2.resolve())}
+        "checkpoint_dir": str(v2.resolve()), "tokenizer_dir": str(v2.resolve()), **V2_QUANTIZATION}
     assert json.loads((out / "preprocessing/2/parameters.json").read_text()) == {"tokenizer_dir": str(v2.resolve())}
     assert f'string_value: "{(tmp_path / "v1").resolve()}"' in (out / "tensorrt_llm/config.pbtxt").read_text()
     assert list(out.glob("*/[12]/__pycache__/model.*.pyc")), "the shims are compiled at render time"
@@ -143,6 +145,30 @@ def test_without_a_version_checkpoint_every_version_serves_the_checkpoint(tmp_pa
     out = render(tmp_path)
     assert json.loads((out / "tensorrt_llm/2/parameters.json").read_text())["checkpoint_dir"] == str(
         (tmp_path / "v1").resolve())
+
+
+def test_shipped_version_2_is_the_int4_build_of_version_1(tmp_path):
+    """What `make serve` renders (no --version-checkpoint): version 2's engine loads version 1's
+    checkpoint quantised to int4 in groups of 32; version 1 keeps the config's parameters."""
+    from trillm.triton.engine_host import EngineHostParams
+
+    out = render(tmp_path)
+    v1 = str((tmp_path / "v1").resolve())
+    config = (out / "tensorrt_llm/config.pbtxt").read_text()
+    parameters = {key: value for key, value in re.findall(r'key: "(\w+)"\s*value: \{ string_value: "([^"]*)" \}',
+                                                           config)}
+    assert (parameters["quantization"], parameters["checkpoint_dir"]) == ("none", v1)
+
+    def loaded(version: str) -> EngineHostParams:
+        args = {"model_config": json.dumps({"name": "tensorrt_llm", "parameters": {
+            k: {"string_value": v} for k, v in parameters.items()}}),
+            "model_repository": str(out / "tensorrt_llm"), "model_version": version}
+        return model_parameters(args, EngineHostParams)
+
+    first, second = loaded("1"), loaded("2")
+    assert (first.checkpoint_dir, first.quantization) == (v1, "none")
+    assert (second.checkpoint_dir, second.tokenizer_dir, second.quantization, second.quant_group_size) == (
+        v1, v1, "int4", 32)
 
 
 def test_a_checkpoint_for_a_version_that_takes_none_is_refused(tmp_path):
