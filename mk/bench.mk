@@ -51,3 +51,10 @@ bench-peers-llama-cpp: $(PEERS_LLAMA_SERVER) $(PEERS_LLAMA_F32) ## build llama.c
 bench-peers: $(STAMP) $(PEERS_VLLM_STAMP) ## trillm vs vLLM CPU on SmolLM2 at 1/8/32 streams; writes benchmarks/results/peers-<date>.json and docs/benchmarks.md
 	test -f $(PEERS_CHECKPOINT)/config.json || $(VENV)/bin/trillm build-smollm2
 	$(PY) -m benchmarks.peers --checkpoint $(PEERS_CHECKPOINT) --vllm-python $(PEERS_VLLM_VENV)/bin/python $(PEERS_ARGS)
+
+# The A/B of the model repository's two versions (README "Model versions", docs/benchmarks.md "Versions");
+# uses the Makefile's smollm2 target and SMOLLM2.
+VERSIONS_AB_ARGS ?=
+.PHONY: bench-versions
+bench-versions: smollm2 ## SmolLM2 version 1 (float32) against version 2 (its int4 build) on one server: TTFT/ITL, tok/s, greedy agreement (benchmarks/results/versions-ab-<date>.json)
+	$(PY) -m benchmarks.versions_ab --checkpoint $(SMOLLM2) $(VERSIONS_AB_ARGS)
