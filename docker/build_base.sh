@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build a Debian bookworm base image with Python 3.11 from Debian packages
+# Build a Debian bookworm base image with Python 3.11 (and g++) from Debian packages
 # alone (debootstrap, then `docker import`), for machines that reach a Debian
 # mirror but no container registry. Python must be 3.11: the wheelhouse holds
 # cp311 wheels and the tritonserver wheel's Python backend stub is the 3.11 one.
@@ -13,7 +13,9 @@ set -euo pipefail
 tag=${1:?usage: $0 IMAGE_TAG [WORK_DIR]}
 work=${2:-build/docker-base}
 suite=bookworm
-packages=python3.11,python3.11-venv,python3-venv,libpython3.11,ca-certificates
+# g++ (with libgomp1, OpenMP's runtime): the engine compiles its native kernels for the CPU it runs
+# on (trillm.engine.native, -march=native); without a compiler it falls back to torch's ops.
+packages=python3.11,python3.11-venv,python3-venv,libpython3.11,ca-certificates,g++,libgomp1
 recipe=$(sha256sum "$0" | cut -c1-16)
 
 say() { echo "docker-base: $*" >&2; }
@@ -90,4 +92,5 @@ as_root tar -C "$rootfs" -c . | docker import \
     - "$tag" >/dev/null
 as_root rm -rf "$rootfs"
 docker run --rm --network none "$tag" python3 -c 'import sys, venv; assert sys.version_info[:2] == (3, 11), sys.version'
+docker run --rm --network none "$tag" g++ --version >/dev/null
 say "$tag ready ($(docker image inspect --format '{{.Size}}' "$tag" | numfmt --to=iec))"
