@@ -8,6 +8,7 @@ sequence's length or outside its block table shows up as NaN in its output.
 from __future__ import annotations
 
 import math
+import subprocess
 
 import pytest
 import torch
@@ -37,6 +38,24 @@ def kernel() -> native.PagedDecode:
     if found is None:
         pytest.skip(f"native decode kernel unavailable here ({why}); the engine uses the SDPA loop")
     return found
+
+
+@pytest.fixture(scope="module")
+def generic_kernel(kernel, tmp_path_factory) -> native.PagedDecode:
+    """The decode kernel built without AVX-512 (its generic path for every head_dim), as on a CPU without it."""
+    source = next(p for p in native.SOURCES if p.name == "paged_decode.cpp")
+    path = tmp_path_factory.mktemp("generic") / "libpaged_decode_generic.so"
+    result = subprocess.run([native.compiler(), *native.FLAGS, *native.OPENMP_FLAGS, "-mno-avx512f", "-o", str(path),
+                             str(source)], capture_output=True, text=True, timeout=native.BUILD_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-500:]
+    return native.PagedDecode(path)
+
+
+@pytest.fixture(scope="module", params=["as-built", "generic"])
+def any_kernel(request, kernel) -> native.PagedDecode:
+    """The kernel as the engine builds it (AVX-512 paths for d 64 and 128 where the CPU has AVX-512F),
+    and its generic path."""
+    return kernel if request.param == "as-built" else request.getfixturevalue("generic_kernel")
 
 
 def _paged_case(lengths: list[int], kv_heads: int, d: int, block_size: int, dtype: torch.dtype, seed: int):
@@ -106,12 +125,12 @@ def _tolerance(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ref: torch.Ten
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
 @pytest.mark.parametrize("block_size", [16, 8])
 @pytest.mark.parametrize("heads,kv_heads,d", SHAPES, ids=lambda x: str(x))
-def test_kernel_matches_float64_reference(kernel, heads, kv_heads, d, block_size, dtype):
+def test_kernel_matches_float64_reference(any_kernel, heads, kv_heads, d, block_size, dtype):
     lengths = [1, 2, block_size, block_size + 1, 37, 128, 255, 300]
     k_cache, v_cache, tables, keys, values = _paged_case(lengths, kv_heads, d, block_size, dtype, seed=d + block_size)
     q = torch.randn(len(lengths), heads, d, generator=torch.Generator().manual_seed(1)).to(dtype)
     out = torch.full((len(lengths), heads * d), SENTINEL, dtype=dtype)
-    batch = DecodeBatch(kernel, torch.arange(len(lengths), dtype=torch.int32), tables,
+    batch = DecodeBatch(any_kernel, torch.arange(len(lengths), dtype=torch.int32), tables,
                         torch.tensor(lengths, dtype=torch.int32))
     _native_decode(q, k_cache, v_cache, batch, out)
     for s, length in enumerate(lengths):
@@ -126,9 +145,24 @@ def test_kernel_matches_float64_reference(kernel, heads, kv_heads, d, block_size
         assert tol.max() < 0.05 * ref.abs().max()
 
 
+@pytest.mark.parametrize("heads,kv_heads,d", SHAPES, ids=lambda x: str(x))
+def test_bfloat16_is_float32_arithmetic_rounded_as_torch_rounds(any_kernel, heads, kv_heads, d):
+    """bfloat16 inputs are exact in float32 and the arithmetic is float32 either way: the bfloat16 output is
+    the bits of the float32 kernel's output on the same values, rounded to bfloat16 by torch."""
+    lengths = [1, 17, 300]
+    k16, v16, tables, _, _ = _paged_case(lengths, kv_heads, d, 16, torch.bfloat16, seed=6)
+    q16 = torch.randn(len(lengths), heads, d, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    outs = {}
+    for name, (q, k_cache, v_cache) in {"bf16": (q16, k16, v16), "fp32": (q16.float(), k16.float(), v16.float())}.items():
+        outs[name] = torch.empty(len(lengths), heads * d, dtype=q.dtype)
+        _native_decode(q, k_cache, v_cache, DecodeBatch(any_kernel, torch.arange(len(lengths), dtype=torch.int32),
+                                                        tables, torch.tensor(lengths, dtype=torch.int32)), outs[name])
+    assert torch.equal(outs["bf16"].view(torch.int16), outs["fp32"].to(torch.bfloat16).view(torch.int16))
+
+
 @settings(max_examples=30, deadline=None)
 @given(data=st.data())
-def test_kernel_is_batch_invariant(kernel, data):
+def test_kernel_is_batch_invariant(any_kernel, data):
     """A sequence's output bits are the same alone, among others in any order, at any row, on 1 or 2 threads."""
     heads, kv_heads, d = data.draw(st.sampled_from(SHAPES[:3]), label="shape")
     dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
@@ -147,7 +181,7 @@ def test_kernel_is_batch_invariant(kernel, data):
         q_rows[rows] = q[at]
         out = torch.full((max(rows) + 1, heads * d), SENTINEL, dtype=dtype)
         _native_decode(q_rows, k_cache, v_cache,
-                       DecodeBatch(kernel, torch.tensor(rows, dtype=torch.int32), tables[at], lens[at]), out)
+                       DecodeBatch(any_kernel, torch.tensor(rows, dtype=torch.int32), tables[at], lens[at]), out)
         return out[rows]
 
     bits = torch.int32 if dtype == torch.float32 else torch.int16
@@ -162,7 +196,7 @@ def test_kernel_is_batch_invariant(kernel, data):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).removeprefix("torch."))
 @pytest.mark.parametrize("heads,kv_heads,d", SHAPES[:3], ids=lambda x: str(x))
-def test_strided_q_and_scattered_output_rows(kernel, heads, kv_heads, d, dtype):
+def test_strided_q_and_scattered_output_rows(any_kernel, heads, kv_heads, d, dtype):
     """q as the query heads of a fused [rows, heads + 2 kv_heads, d] projection, out as the first heads * d
     columns of a wider buffer, decodes at rows 5, 0 and 3 of 8: only those rows' first heads * d entries are
     written, and they are the bits of the same attention from contiguous tensors."""
@@ -174,11 +208,11 @@ def test_strided_q_and_scattered_output_rows(kernel, heads, kv_heads, d, dtype):
     wide = torch.full((num_rows, heads * d + 24), SENTINEL, dtype=dtype)
     out = wide[:, :heads * d]
     lens = torch.tensor(lengths, dtype=torch.int32)
-    _native_decode(q, k_cache, v_cache, DecodeBatch(kernel, torch.tensor(rows, dtype=torch.int32), tables, lens), out)
+    _native_decode(q, k_cache, v_cache, DecodeBatch(any_kernel, torch.tensor(rows, dtype=torch.int32), tables, lens), out)
 
     dense_out = torch.empty(len(rows), heads * d, dtype=dtype)
     _native_decode(q[rows].contiguous(), k_cache, v_cache,
-                   DecodeBatch(kernel, torch.arange(len(rows), dtype=torch.int32), tables, lens), dense_out)
+                   DecodeBatch(any_kernel, torch.arange(len(rows), dtype=torch.int32), tables, lens), dense_out)
     assert torch.equal(out[rows], dense_out)
     untouched = torch.ones(num_rows, heads * d + 24, dtype=torch.bool)
     untouched[rows, :heads * d] = False
