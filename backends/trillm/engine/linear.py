@@ -88,6 +88,11 @@ class Linear:
         return "onednn-prepacked" if self.packed else "aten-linear"
 
     @property
+    def input_dtype(self) -> torch.dtype:
+        """What the matmul reads (an input in another dtype is rounded to it first)."""
+        return self.dtype
+
+    @property
     def shape_key(self) -> tuple:
         """What selects the kernel: the shape, dtype, bias and the path (not the values)."""
         return (self.out_features, self.in_features, str(self.dtype), self.bias is not None, self.packed)

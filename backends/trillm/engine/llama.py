@@ -78,6 +78,7 @@ class LlamaModel:
         self.row_multiple = 1
         self.head_row_multiple = 1
         self.batch_invariant = False  # until probed
+        self.fused = None  # native.Fused once use_fused() takes it
         norms = [self.norm] + [n for w in self.layers for n in (w.input_norm, w.post_norm)]
         # Bytes every decode step reads: all matrices (the embedding table only by row).
         self.weight_bytes = sum(m.nbytes for m in linears) + sum(n.numel() * n.element_size() for n in norms)
@@ -110,9 +111,27 @@ class LlamaModel:
             "head_row_multiple": self.head_row_multiple,
         }
 
+    def use_fused(self, kv_dtype: torch.dtype) -> str:
+        """Take the native fused row-wise ops (``csrc/fused.cpp``) when they apply; returns why not, or ""."""
+        from trillm.engine import native  # not at import (see attention.choose_decode_attention)
+
+        self.fused = None
+        dtypes = {self.dtype, kv_dtype} | {m.input_dtype for w in self.layers for m in (w.qkv, w.gate_up, w.down)}
+        if self.dtype != torch.float32:
+            return f"the fused ops keep a float32 residual stream, this model computes in {self.dtype}"
+        if not dtypes <= {torch.float32, torch.bfloat16}:
+            return f"the fused ops take float32 and bfloat16, not {sorted(map(str, dtypes))}"
+        fused, why = native.load_fused()
+        if fused is None:
+            return why
+        self.fused = fused
+        return ""
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_cache: KVCache) -> torch.Tensor:
         """Hidden states [rows, hidden] (before the final norm) for a flat batch of tokens."""
+        if self.fused is not None:
+            return self._forward_fused(input_ids, positions, meta, kv_cache)
         spec = self.spec
         rows = input_ids.shape[0]
         heads, kv_heads, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -134,6 +153,39 @@ class LlamaModel:
             x = rms_norm(hidden, w.post_norm, eps)
             gate_up = w.gate_up(x)
             hidden = hidden + w.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+        return hidden
+
+    def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                       kv_cache: KVCache) -> torch.Tensor:
+        """:meth:`forward` with the row-wise work of each layer in three native calls (same arithmetic,
+        in float32, rounded once into the dtype each matmul reads)."""
+        spec, fused = self.spec, self.fused
+        rows = input_ids.shape[0]
+        heads, kv_heads, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        eps = spec.rms_norm_eps
+        kv_dtype = kv_cache.k.dtype
+        hidden = F.embedding(input_ids, self.embed).float().contiguous()
+        layers = self.layers
+        x = torch.empty(rows, spec.hidden_size, dtype=layers[0].qkv.input_dtype)
+        fused.add_rms_norm(hidden, None, layers[0].input_norm, eps, x)
+        q = torch.empty(rows, heads, d, dtype=kv_dtype)
+        k = torch.empty(rows, kv_heads, d, dtype=kv_dtype)
+        v = torch.empty(rows, kv_heads, d, dtype=kv_dtype)
+        for i, w in enumerate(layers):
+            k_cache, v_cache = kv_cache.k[i], kv_cache.v[i]
+            fused.rope_split(w.qkv(x).contiguous(), self.cos, self.sin_signed, positions, meta.slot_mapping, q, k, v,
+                             k_cache, v_cache)
+            attn = paged_attention(i, q, k, v, k_cache, v_cache, meta, write_cache=False)
+            x = torch.empty(rows, spec.hidden_size, dtype=w.gate_up.input_dtype)
+            fused.add_rms_norm(hidden, w.o(attn).contiguous(), w.post_norm, eps, x)
+            m = torch.empty(rows, spec.intermediate_size, dtype=w.down.input_dtype)
+            fused.silu_mul(w.gate_up(x).contiguous(), m)
+            down = w.down(m).contiguous()
+            if i + 1 < len(layers):
+                x = torch.empty(rows, spec.hidden_size, dtype=layers[i + 1].qkv.input_dtype)
+                fused.add_rms_norm(hidden, down, layers[i + 1].input_norm, eps, x)
+            else:
+                hidden += down
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from trillm.engine.attention import SEGMENTED_DECODE, AttentionMetadata, SequenceAttention
+from trillm.engine.attention import (SEGMENTED_DECODE, AttentionMetadata, DecodeAttention, DecodeBatch,
+                                     SequenceAttention)
 from trillm.engine.kv_cache import KVCache
 from trillm.engine.llama import LlamaModel
 from trillm.engine.scheduler import ScheduledChunk
@@ -25,10 +26,12 @@ def consecutive_runs(blocks: list[int]) -> list[tuple[int, int]]:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache) -> None:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, decode_attention: DecodeAttention | None = None) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
+        # One-token chunks go to the native kernel when the engine chose it (attention.choose_decode_attention).
+        self.decode_kernel = decode_attention.kernel if decode_attention is not None else None
 
     @staticmethod
     def _pad(n: int, multiple: int) -> int:
@@ -44,6 +47,9 @@ class ModelRunner:
         slots: list[int] = []
         sequences: list[SequenceAttention] = []
         sample_rows: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
         for chunk in chunks:
             seq, start, end = chunk.seq, chunk.start, chunk.end
             table = seq.block_table
@@ -51,6 +57,13 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if self.decode_kernel is not None and chunk.num_tokens == 1:
+                decode_rows.append(row)
+                decode_tables.append(table[:-(-end // bs)])
+                decode_lens.append(end)
+                if chunk.samples:
+                    sample_rows.append(row)
+                continue
             fresh = start == 0
             segments = block_ids = mask = None
             blocks = table[:-(-end // bs)]
@@ -68,8 +81,17 @@ class ModelRunner:
         ids.extend([0] * padding)
         positions.extend([0] * padding)
         slots.extend([self.kv_cache.null_slot] * padding)
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots), sequences=sequences, num_padding_rows=padding)
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots), sequences=sequences, num_padding_rows=padding,
+                                 decode=self._decode_batch(decode_rows, decode_tables, decode_lens) if decode_rows else None)
         return torch.tensor(ids), torch.tensor(positions), meta, sample_rows
+
+    def _decode_batch(self, rows: list[int], tables: list[list[int]], lens: list[int]) -> DecodeBatch:
+        """The kernel's view of the step's one-token chunks (tables padded to the longest; the kernel
+        reads only the first ceil(len / block_size) entries of each)."""
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        return DecodeBatch(self.decode_kernel, torch.tensor(rows, dtype=torch.int32),
+                           torch.tensor(padded, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32))
 
     def _segments(self, runs: list[tuple[int, int]], num_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K/V views [layers, kv_heads, tokens, d] of each run, together covering ``num_tokens`` slots."""

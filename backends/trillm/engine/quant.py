@@ -157,6 +157,10 @@ class QuantLinear:
         return (self.out_features, self.in_features, self.mode, self.group_size, self.bias is not None,
                 str(self.dtype), str(self.kernel_dtype))
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return self.kernel_dtype
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xq = x.to(self.kernel_dtype)
         if self.mode == "int8":

@@ -25,6 +25,7 @@ from trillm.engine.cpu import cpu_info
 from trillm.engine.kv_cache import KVCache
 from trillm.engine.llama import LlamaModel
 from trillm.engine.model_runner import ModelRunner
+from trillm.engine.attention import choose_decode_attention
 from trillm.engine.precision import resolve_precision
 from trillm.engine.quant import LinearBuilder, QuantConfig, release_freed_memory, resident_memory_bytes
 from trillm.engine.sampler import sample
@@ -80,12 +81,19 @@ class TorchEngine:
                              "from_cache": linears.loaded_from_cache,
                              "weight_bytes": self.model.weight_bytes}
         self.kernels = self.model.probe_batch_invariance(limits.max_num_batched_tokens, limits.max_num_seqs)
+        self.decode_attention = choose_decode_attention(spec.num_heads, spec.num_kv_heads, spec.head_dim,
+                                                        limits.block_size, self.precision.kv_cache)
+        self.kernels["decode_attention"] = self.decode_attention.name
+        self.kernels["decode_attention_reason"] = self.decode_attention.reason
+        why_not_fused = self.model.use_fused(self.precision.kv_cache)
+        self.kernels["fused_row_ops"] = self.model.fused is not None
+        self.kernels["fused_row_ops_reason"] = why_not_fused or "native kernels built for this CPU"
         self._log_kernel_choice(config.dtype)
         self.kv_cache = KVCache(spec.num_layers, limits.kv_cache_blocks, limits.block_size,
                                 spec.num_kv_heads, spec.head_dim, self.precision.kv_cache)
         self.block_manager = BlockManager(limits.kv_cache_blocks, limits.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(limits, self.block_manager)
-        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.decode_attention)
         self.max_model_len = limits.max_model_len
         self.vocab_size = spec.vocab_size
 
@@ -144,6 +152,8 @@ class TorchEngine:
         k = self.kernels
         log.info("engine: CPU %s", self.cpu.summary())
         log.info("engine: %s", self.precision.summary())
+        log.info("engine: decode attention %s (%s); fused norm/RoPE/SiLU %s (%s)", k["decode_attention"],
+                 k["decode_attention_reason"], "on" if k["fused_row_ops"] else "off", k["fused_row_ops_reason"])
         if k["batch_invariant"]:
             log.info("engine: %s linears (%s); steps padded to %d rows, LM head to %d: probed on this CPU, "
                      "a request's output does not depend on its batch", dtype, k["linear_kernel"],

@@ -1,0 +1,278 @@
+// Decode attention over the paged KV cache: every decoding sequence of a step in one call.
+//
+// One query row per sequence attends over its own keys, read in place from the
+// cache through its block table (no gather copy, no padding), token by token in
+// cache order (each token's K/V row of all KV heads is contiguous), every query
+// head of the row against its GQA group's KV head.
+// Scores, softmax and the weighted sum are float32 whatever the cache dtype.
+//
+// Batch invariance by construction: a sequence's result depends only on its
+// own query, keys and values, and every reduction runs in a fixed order (dot
+// products in 16 fixed lanes, then the lanes summed in order), so it is the
+// same bits whichever other sequences share the call.
+//
+// Sequences are shared among OpenMP threads (one sequence, one thread: the
+// split never changes a result). Built with -fopenmp, the library links
+// libgomp.so.1, which resolves to the copy torch has already loaded, so it
+// shares torch's thread pool and thread count instead of adding threads.
+//
+// Plain C ABI (loaded with ctypes; trillm/engine/native.py compiles it for the
+// CPU it runs on), no torch headers: it builds in about a second.
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int kLanes = 16;
+
+inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+// Round to nearest even, as torch's float -> bfloat16 conversion does (NaN stays NaN).
+inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return static_cast<uint16_t>(bits >> 16);
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the maximum), within 2 ulp: x = n ln2 + r with
+// |r| <= ln2 / 2, a degree-6 polynomial for exp(r) (Cephes' expf coefficients), times 2^n built in
+// the exponent bits. Branch-free, so the compiler vectorises the loop that calls it (std::exp does
+// not vectorise without -ffast-math); below -87 it returns 0.
+inline float exp_f32(float x) {
+    x = x < -87.f ? -87.f : x;
+    const float n = std::nearbyint(x * 1.44269504088896341f);
+    float r = x - n * 0.693359375f;
+    r -= n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.f;
+    int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+struct F32 {
+    using T = float;
+    static inline float load(T x) { return x; }
+    static inline T store(float x) { return x; }
+    static inline const float* row(const T* src, float*, int64_t) { return src; }  // no conversion
+};
+
+struct BF16 {
+    using T = uint16_t;
+    static inline float load(T x) { return bf16_to_float(x); }
+    static inline T store(float x) { return float_to_bf16(x); }
+    static inline const float* row(const T* src, float* buffer, int64_t count) {
+        for (int64_t i = 0; i < count; ++i) buffer[i] = bf16_to_float(src[i]);
+        return buffer;
+    }
+};
+
+template <typename C>
+void decode(const typename C::T* q, int64_t q_row_stride, const typename C::T* k_cache, const typename C::T* v_cache,
+            const int32_t* tables, int64_t max_blocks, const int32_t* lens, const int32_t* rows, int64_t n,
+            int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale,
+            typename C::T* out, int64_t out_row_stride) {
+    using T = typename C::T;
+    const int64_t group = heads / kv_heads;
+    const int64_t d = head_dim;
+    const int64_t token_stride = kv_heads * d;  // one token's K (or V) row, all KV heads
+    int64_t longest = 0;
+    for (int64_t s = 0; s < n; ++s) longest = lens[s] > longest ? lens[s] : longest;
+#pragma omp parallel if (n > 1)
+    {
+    std::vector<float> qf(heads * d), acc(heads * d), row(token_stride), scores(heads * longest), inv_sum(heads);
+    std::vector<int64_t> kv_of(heads);  // query head -> its KV head (no division in the token loops)
+    for (int64_t h = 0; h < heads; ++h) kv_of[h] = h / group;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = 0; s < n; ++s) {
+        const int64_t len = lens[s];
+        const int32_t* table = tables + s * max_blocks;
+        const T* q_row = q + rows[s] * q_row_stride;
+        T* out_row = out + rows[s] * out_row_stride;
+        for (int64_t i = 0; i < heads * d; ++i) qf[i] = C::load(q_row[i]) * scale;
+        // scores[h, t] = q_h . k_t (k of head h's KV head), token by token in cache order
+        for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
+            const int64_t count = len - t0 < block_size ? len - t0 : block_size;
+            const T* k_block = k_cache + static_cast<int64_t>(table[b]) * block_size * token_stride;
+            for (int64_t tt = 0; tt < count; ++tt) {
+                const float* k = C::row(k_block + tt * token_stride, row.data(), token_stride);
+                for (int64_t h = 0; h < heads; ++h) {
+                    const float* qh = &qf[h * d];
+                    const float* kh = k + kv_of[h] * d;
+                    float lane[kLanes] = {0.f};
+                    int64_t i = 0;
+                    for (; i + kLanes <= d; i += kLanes)
+                        for (int j = 0; j < kLanes; ++j) lane[j] += qh[i + j] * kh[i + j];
+                    for (int j = 0; i < d; ++i, ++j) lane[j] += qh[i] * kh[i];
+                    for (int w = kLanes / 2; w > 0; w /= 2)  // a fixed tree: 4 dependent adds, not 15
+                        for (int j = 0; j < w; ++j) lane[j] += lane[j + w];
+                    scores[h * len + t0 + tt] = lane[0];
+                }
+            }
+        }
+        // softmax over t, per query head
+        for (int64_t h = 0; h < heads; ++h) {
+            float* sh = &scores[h * len];
+            float top = -INFINITY;
+            for (int64_t t = 0; t < len; ++t) top = sh[t] > top ? sh[t] : top;
+            for (int64_t t = 0; t < len; ++t) sh[t] = exp_f32(sh[t] - top);
+            float sum = 0.f;
+            for (int64_t t = 0; t < len; ++t) sum += sh[t];
+            inv_sum[h] = 1.f / sum;
+        }
+        // out_h = sum_t p[h, t] v_t / sum_t p[h, t]
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
+            const int64_t count = len - t0 < block_size ? len - t0 : block_size;
+            const T* v_block = v_cache + static_cast<int64_t>(table[b]) * block_size * token_stride;
+            for (int64_t tt = 0; tt < count; ++tt) {
+                const float* v = C::row(v_block + tt * token_stride, row.data(), token_stride);
+                for (int64_t h = 0; h < heads; ++h) {
+                    const float p = scores[h * len + t0 + tt];
+                    const float* vh = v + kv_of[h] * d;
+                    float* ah = &acc[h * d];
+                    for (int64_t i = 0; i < d; ++i) ah[i] += p * vh[i];
+                }
+            }
+        }
+        for (int64_t h = 0; h < heads; ++h)
+            for (int64_t i = 0; i < d; ++i) out_row[h * d + i] = C::store(acc[h * d + i] * inv_sum[h]);
+    }
+    }  // omp parallel
+}
+
+#if defined(__AVX512F__)
+// The AVX-512 path, for head_dim = 16 * NV: one query head at a time, its NV x 16 query lanes in
+// registers; a score is NV multiply-adds and one fixed-order horizontal sum; the weighted sum of V
+// keeps NV accumulators in registers. Same algorithm and order for every sequence.
+template <typename C> inline __m512 load16(const typename C::T* p);
+template <> inline __m512 load16<F32>(const float* p) { return _mm512_loadu_ps(p); }
+template <> inline __m512 load16<BF16>(const uint16_t* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <typename C, int NV>
+void decode_avx512(const typename C::T* q, int64_t q_row_stride, const typename C::T* k_cache,
+                   const typename C::T* v_cache, const int32_t* tables, int64_t max_blocks, const int32_t* lens,
+                   const int32_t* rows, int64_t n, int64_t heads, int64_t kv_heads, int64_t block_size, float scale,
+                   typename C::T* out, int64_t out_row_stride) {
+    using T = typename C::T;
+    constexpr int64_t d = 16 * NV;
+    const int64_t group = heads / kv_heads;
+    const int64_t token_stride = kv_heads * d;
+    int64_t longest = 0;
+    for (int64_t s = 0; s < n; ++s) longest = lens[s] > longest ? lens[s] : longest;
+#pragma omp parallel if (n > 1)
+    {
+    std::vector<float> scores(longest);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = 0; s < n; ++s) {
+        const int64_t len = lens[s];
+        const int32_t* table = tables + s * max_blocks;
+        const T* q_row = q + rows[s] * q_row_stride;
+        T* out_row = out + rows[s] * out_row_stride;
+        for (int64_t h = 0; h < heads; ++h) {
+            const int64_t kv_offset = (h / group) * d;
+            __m512 qv[NV];
+            const __m512 sc = _mm512_set1_ps(scale);
+            for (int v = 0; v < NV; ++v) qv[v] = _mm512_mul_ps(load16<C>(q_row + h * d + 16 * v), sc);
+            for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
+                const int64_t count = len - t0 < block_size ? len - t0 : block_size;
+                const T* k = k_cache + static_cast<int64_t>(table[b]) * block_size * token_stride + kv_offset;
+                for (int64_t tt = 0; tt < count; ++tt, k += token_stride) {
+                    __m512 acc = _mm512_mul_ps(qv[0], load16<C>(k));
+                    for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(qv[v], load16<C>(k + 16 * v), acc);
+                    scores[t0 + tt] = _mm512_reduce_add_ps(acc);
+                }
+            }
+            float top = -INFINITY;
+            for (int64_t t = 0; t < len; ++t) top = scores[t] > top ? scores[t] : top;
+            for (int64_t t = 0; t < len; ++t) scores[t] = exp_f32(scores[t] - top);
+            float sum = 0.f;
+            for (int64_t t = 0; t < len; ++t) sum += scores[t];
+            __m512 o[NV];
+            for (int v = 0; v < NV; ++v) o[v] = _mm512_setzero_ps();
+            for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
+                const int64_t count = len - t0 < block_size ? len - t0 : block_size;
+                const T* vr = v_cache + static_cast<int64_t>(table[b]) * block_size * token_stride + kv_offset;
+                for (int64_t tt = 0; tt < count; ++tt, vr += token_stride) {
+                    const __m512 p = _mm512_set1_ps(scores[t0 + tt]);
+                    for (int v = 0; v < NV; ++v) o[v] = _mm512_fmadd_ps(p, load16<C>(vr + 16 * v), o[v]);
+                }
+            }
+            alignas(64) float result[d];
+            const __m512 inv = _mm512_set1_ps(1.f / sum);
+            for (int v = 0; v < NV; ++v) _mm512_store_ps(result + 16 * v, _mm512_mul_ps(o[v], inv));
+            for (int64_t i = 0; i < d; ++i) out_row[h * d + i] = C::store(result[i]);
+        }
+    }
+    }  // omp parallel
+}
+#endif
+
+template <typename C>
+void dispatch(const typename C::T* q, int64_t q_row_stride, const typename C::T* k_cache, const typename C::T* v_cache,
+              const int32_t* tables, int64_t max_blocks, const int32_t* lens, const int32_t* rows, int64_t n,
+              int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale,
+              typename C::T* out, int64_t out_row_stride) {
+#if defined(__AVX512F__)
+    if (head_dim == 64)
+        return decode_avx512<C, 4>(q, q_row_stride, k_cache, v_cache, tables, max_blocks, lens, rows, n, heads,
+                                   kv_heads, block_size, scale, out, out_row_stride);
+    if (head_dim == 128)
+        return decode_avx512<C, 8>(q, q_row_stride, k_cache, v_cache, tables, max_blocks, lens, rows, n, heads,
+                                   kv_heads, block_size, scale, out, out_row_stride);
+#endif
+    decode<C>(q, q_row_stride, k_cache, v_cache, tables, max_blocks, lens, rows, n, heads, kv_heads, head_dim,
+              block_size, scale, out, out_row_stride);
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype: 0 float32, 1 bfloat16 (q, caches and out alike). Returns 0, or -1 for an unknown dtype.
+// q: row rows[s] of a [*, q_row_stride] matrix whose first heads * head_dim entries are the
+// query heads; caches: [blocks, block_size, kv_heads, head_dim]; tables: [n, max_blocks];
+// out: row rows[s] of a [*, out_row_stride] matrix, heads * head_dim entries written.
+int trillm_paged_decode(int dtype, const void* q, int64_t q_row_stride, const void* k_cache, const void* v_cache,
+                        const int32_t* tables, int64_t max_blocks, const int32_t* lens, const int32_t* rows,
+                        int64_t n, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                        float scale, void* out, int64_t out_row_stride) {
+    if (dtype == 0) {
+        dispatch<F32>(static_cast<const float*>(q), q_row_stride, static_cast<const float*>(k_cache),
+                    static_cast<const float*>(v_cache), tables, max_blocks, lens, rows, n, heads, kv_heads,
+                    head_dim, block_size, scale, static_cast<float*>(out), out_row_stride);
+        return 0;
+    }
+    if (dtype == 1) {
+        dispatch<BF16>(static_cast<const uint16_t*>(q), q_row_stride, static_cast<const uint16_t*>(k_cache),
+                     static_cast<const uint16_t*>(v_cache), tables, max_blocks, lens, rows, n, heads, kv_heads,
+                     head_dim, block_size, scale, static_cast<uint16_t*>(out), out_row_stride);
+        return 0;
+    }
+    return -1;
+}
+
+}  // extern "C"
