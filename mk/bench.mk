@@ -58,3 +58,9 @@ VERSIONS_AB_ARGS ?=
 .PHONY: bench-versions
 bench-versions: smollm2 ## SmolLM2 version 1 (float32) against version 2 (its int4 build) on one server: TTFT/ITL, tok/s, greedy agreement (benchmarks/results/versions-ab-<date>.json)
 	$(PY) -m benchmarks.versions_ab --checkpoint $(SMOLLM2) $(VERSIONS_AB_ARGS)
+
+# The native kernels (trillm/engine/native.py) against the torch-only path, engine in process
+# (docs/benchmarks.md "Native kernels"); about 6 minutes on 2 cores.
+.PHONY: bench-kernels
+bench-kernels: $(STAMP) smollm2 native ## native kernels vs torch-only engine: CPU ms per step (1 thread) and wall ITL at 1/8/32 streams (benchmarks/results/kernels-smollm2.json)
+	$(PY) -m benchmarks.kernels --checkpoint $(SMOLLM2)
