@@ -49,7 +49,8 @@ def one(args: argparse.Namespace) -> dict:
 
     streams = args.streams
     row: dict = {"quantization": args.quantization, "streams": streams, "native": os.environ["TRILLM_NATIVE"] == "1"}
-    for threads, key in ((1, "cpu"), (0, "wall")):
+    default_threads = torch.get_num_threads()
+    for threads, key in ((1, "cpu"), (default_threads, "wall")):  # num_threads sets torch's global count
         engine = TorchEngine(EngineConfig(checkpoint_dir=str(args.checkpoint), quantization=args.quantization,
                                           max_model_len=1024, max_num_seqs=max(streams, 8),
                                           enable_prefix_caching=False, num_threads=threads))
@@ -75,7 +76,7 @@ def one(args: argparse.Namespace) -> dict:
                 row["cpu_ms_per_step_p50"] = step_cpu[len(step_cpu) // 2] * 1e3 if step_cpu else None
                 row["decode_attention"] = engine.kernels["decode_attention"]
                 row["fused_row_ops"] = engine.kernels["fused_row_ops"]
-                row["torch_threads_default"] = torch.get_num_threads()
+                row["torch_threads_default"] = default_threads
             else:
                 row["wall_itl_p50_ms"] = result["itl_p50_s"] * 1e3
                 row["wall_output_tok_s"] = result["output_tok_s"]
