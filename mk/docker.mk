@@ -26,7 +26,7 @@ docker-base: ## build trillm/base:bookworm (Debian + Python 3.11) with debootstr
 	docker/build_base.sh $(DOCKER_BASE_IMAGE)
 
 WHEELHOUSE_INPUTS := backends/pyproject.toml client/pyproject.toml docker/wheelhouse.sh \
-	$(shell find backends/trillm client \( -name '*.py' -o -name '*.cpp' \) 2>/dev/null)
+	$(shell find backends/trillm client \( -name '*.py' -o -name '*.cpp' -o -name '*.h' \) 2>/dev/null)
 
 $(WHEELHOUSE)/.complete: $(STAMP) $(WHEELHOUSE_INPUTS)
 	PYTHON=$(PY) TORCH_VERSION=$(TORCH_VERSION) docker/wheelhouse.sh $(WHEELHOUSE)

@@ -39,6 +39,7 @@ from trillm.engine.cpu import cpu_info
 log = logging.getLogger("trillm.engine")
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("paged_decode.cpp", "fused.cpp"))
+HEADERS = (Path(__file__).with_name("csrc") / "numerics.h",)
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-std=c++17")
 # Tried first: the sequences of a call shared among torch's OpenMP threads (see the C source);
 # a compiler without OpenMP builds the single-threaded kernel.
@@ -61,7 +62,7 @@ class NativeUnavailable(RuntimeError):
 
 def _key(cxx: str) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES))
+    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES + HEADERS))
     digest.update(" ".join(FLAGS).encode() + version.encode())
     digest.update(_cpu_flags().encode())
     return digest.hexdigest()[:24]

@@ -22,24 +22,15 @@
 #include <cstring>
 #include <vector>
 
+#include "numerics.h"
+
 namespace {
 
+using trillm::bf16_to_float;
+using trillm::exp_f32;
+using trillm::float_to_bf16;
+
 constexpr int64_t kParallelRows = 8;
-
-inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch; NaN stays NaN
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return static_cast<uint16_t>(bits >> 16);
-}
 
 // Each row loop below has the dtype switch outside it, so that the loop itself vectorises.
 inline void load_row(int dtype, const void* src, float* dst, int64_t n) {
@@ -68,25 +59,6 @@ inline const char* at(const void* base, int dtype, int64_t index) {
 
 inline char* at(void* base, int dtype, int64_t index) {
     return static_cast<char*>(base) + index * element_size(dtype);
-}
-
-// exp(x) within 2 ulp for x in [-87, 88] (Cephes' expf polynomial; branch-free, so it vectorises).
-inline float exp_f32(float x) {
-    x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
-    const float n = std::nearbyint(x * 1.44269504088896341f);
-    float r = x - n * 0.693359375f;
-    r -= n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
 }
 
 }  // namespace

@@ -24,51 +24,19 @@
 #include <cstring>
 #include <vector>
 
+#include "numerics.h"
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 namespace {
 
+using trillm::bf16_to_float;
+using trillm::exp_f32;
+using trillm::float_to_bf16;
+
 constexpr int kLanes = 16;
-
-inline float bf16_to_float(uint16_t h) {
-    uint32_t bits = static_cast<uint32_t>(h) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-// Round to nearest even, as torch's float -> bfloat16 conversion does (NaN stays NaN).
-inline uint16_t float_to_bf16(float f) {
-    uint32_t bits;
-    std::memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return static_cast<uint16_t>(bits >> 16);
-}
-
-// exp(x) for x <= 0 (softmax after subtracting the maximum), within 2 ulp: x = n ln2 + r with
-// |r| <= ln2 / 2, a degree-6 polynomial for exp(r) (Cephes' expf coefficients), times 2^n built in
-// the exponent bits. Branch-free, so the compiler vectorises the loop that calls it (std::exp does
-// not vectorise without -ffast-math); below -87 it returns 0.
-inline float exp_f32(float x) {
-    x = x < -87.f ? -87.f : x;
-    const float n = std::nearbyint(x * 1.44269504088896341f);
-    float r = x - n * 0.693359375f;
-    r -= n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.f;
-    int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
 
 struct F32 {
     using T = float;
