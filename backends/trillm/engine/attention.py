@@ -42,12 +42,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+from trillm.engine.precision import best_cpu_ms
 
 if TYPE_CHECKING:
     from trillm.engine import native
@@ -87,6 +88,10 @@ class DecodeBatch:
     tables: torch.Tensor  # int32 [n, max_blocks]: block ids (a shorter table padded with 0)
     lens: torch.Tensor  # int32 [n]: keys attended
 
+    def __post_init__(self) -> None:  # checked once per step, not once per layer
+        if any(t.dtype != torch.int32 or not t.is_contiguous() for t in (self.rows, self.tables, self.lens)):
+            raise ValueError("native decode attention: rows, tables and lens must be contiguous int32")
+
     @property
     def n(self) -> int:
         return self.rows.shape[0]
@@ -105,15 +110,11 @@ class DecodeAttention:
     """How this engine attends for decodes: the native kernel, or the SDPA loop (kernel None)."""
 
     kernel: native.PagedDecode | None
-    reason: str
-    timings_ms: dict = field(default_factory=dict)
+    reason: str  # with the probe's timings when it ran
 
     @property
     def name(self) -> str:
         return "native-paged" if self.kernel is not None else "sdpa-loop"
-
-    def as_dict(self) -> dict:
-        return {"decode_attention": self.name, "reason": self.reason, "timings_ms": self.timings_ms}
 
 
 # The probe: PROBE_SEQS decodes over PROBE_TOKENS keys each, one thread, CPU time (as precision.py).
@@ -151,7 +152,7 @@ def choose_decode_attention(num_heads: int, num_kv_heads: int, head_dim: int, bl
     faster = timings["native"] <= timings["sdpa_loop"] * TIE_MARGIN
     reason = (f"measured at load: {PROBE_SEQS} decodes over {PROBE_TOKENS} keys, native "
               f"{timings['native']:.3f} ms vs SDPA loop {timings['sdpa_loop']:.3f} ms")
-    return DecodeAttention(kernel if faster else None, reason, timings)
+    return DecodeAttention(kernel if faster else None, reason)
 
 
 def _probe(kernel: native.PagedDecode, heads: int, kv_heads: int, d: int, bs: int, dtype: torch.dtype) -> dict:
@@ -177,24 +178,9 @@ def _probe(kernel: native.PagedDecode, heads: int, kv_heads: int, d: int, bs: in
     def run_native():
         _native_decode(q, k_cache, v_cache, decode, out)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        candidates = {"native": run_native, "sdpa_loop": loop}
-        result = dict.fromkeys(candidates, float("inf"))
-        with torch.inference_mode():
-            for fn in candidates.values():
-                fn()
-            for _ in range(PROBE_REPEATS):  # interleaved, so a busy spell slows both alike
-                for name, fn in candidates.items():
-                    start = time.thread_time()
-                    for _ in range(4):
-                        fn()
-                    result[name] = min(result[name], (time.thread_time() - start) / 4)
-        result = {name: round(best * 1e3, 4) for name, best in result.items()}
-    finally:
-        torch.set_num_threads(threads)
-    return result
+    with torch.inference_mode():
+        timings = best_cpu_ms({"native": run_native, "sdpa_loop": loop}, calls=4, repeats=PROBE_REPEATS)
+    return {name: round(ms, 4) for name, ms in timings.items()}
 
 
 def _native_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -207,12 +193,10 @@ def _native_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     if not q.dtype == k_cache.dtype == v_cache.dtype == out.dtype:
         raise ValueError(f"native decode attention: q, caches and out must share a dtype, got {q.dtype}, "
                          f"{k_cache.dtype}, {v_cache.dtype}, {out.dtype}")
-    if any(t.dtype != torch.int32 or not t.is_contiguous() for t in (decode.rows, decode.tables, decode.lens)):
-        raise ValueError("native decode attention: rows, tables and lens must be contiguous int32")
     _, block_size, kv_heads, _ = k_cache.shape
     decode.kernel(decode.kernel.dtype_code(q), q, q.stride(0), k_cache, v_cache, decode.tables,
-           decode.tables.shape[1], decode.lens, decode.rows, decode.n, heads, kv_heads, d, block_size,
-           1.0 / math.sqrt(d), out, out.stride(0))
+                  decode.tables.shape[1], decode.lens, decode.rows, decode.n, heads, kv_heads, d, block_size,
+                  1.0 / math.sqrt(d), out, out.stride(0))
 
 
 def paged_attention(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -193,24 +193,27 @@ def library() -> tuple[Path | None, str]:
         return None, str(e)
 
 
+def _bind(kind):
+    """(``kind`` bound to the built library, "") or (None, why not)."""
+    path, why = library()
+    if path is None:
+        return None, why
+    try:
+        return kind(path), ""
+    except OSError as e:
+        return None, str(e)
+
+
 @cache
 def load() -> tuple[PagedDecode | None, str]:
     """(the decode attention kernel, "") or (None, why not)."""
-    path, why = library()
-    try:
-        return (PagedDecode(path), "") if path is not None else (None, why)
-    except OSError as e:
-        return None, str(e)
+    return _bind(PagedDecode)
 
 
 @cache
 def load_fused() -> tuple[Fused | None, str]:
     """(the fused row-wise ops, "") or (None, why not)."""
-    path, why = library()
-    try:
-        return (Fused(path), "") if path is not None else (None, why)
-    except OSError as e:
-        return None, str(e)
+    return _bind(Fused)
 
 
 def main() -> int:

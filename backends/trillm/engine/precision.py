@@ -119,21 +119,32 @@ def matmul_shapes(spec: LlamaSpec) -> dict[str, tuple[int, int]]:
             "lm_head": (spec.vocab_size, h)}
 
 
-def _best_ms(fn, calls: int) -> float:
-    """Best-of-PROBE_REPEATS CPU milliseconds of ``fn`` on one thread."""
+def best_cpu_ms(candidates: dict, calls: int, repeats: int = PROBE_REPEATS) -> dict[str, float]:
+    """Best-of-``repeats`` CPU milliseconds per call of each candidate function, on one thread.
+
+    The candidates take turns within each repeat, so a busy spell of the
+    machine slows them alike; each is called once first (packing caches, page faults).
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fn()  # first call: packing caches, page faults
-        best = float("inf")
-        for _ in range(PROBE_REPEATS):
-            start = time.thread_time()
-            for _ in range(calls):
-                fn()
-            best = min(best, (time.thread_time() - start) / calls)
+        for fn in candidates.values():
+            fn()
+        best = dict.fromkeys(candidates, float("inf"))
+        for _ in range(repeats):
+            for name, fn in candidates.items():
+                start = time.thread_time()
+                for _ in range(calls):
+                    fn()
+                best[name] = min(best[name], (time.thread_time() - start) / calls)
     finally:
         torch.set_num_threads(threads)
-    return best * 1e3
+    return {name: seconds * 1e3 for name, seconds in best.items()}
+
+
+def _best_ms(fn, calls: int) -> float:
+    """Best-of-PROBE_REPEATS CPU milliseconds of ``fn`` on one thread."""
+    return best_cpu_ms({"fn": fn}, calls)["fn"]
 
 
 _cache: dict[tuple, float] = {}

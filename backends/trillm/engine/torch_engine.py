@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from trillm.engine.attention import choose_decode_attention
 from trillm.engine.block_manager import BlockManager
 from trillm.engine.checkpoint import LlamaSpec, load_tensors, read_config, safetensors_files
 from trillm.engine.config import EngineConfig, EngineLimits, resolve_limits
@@ -25,7 +26,6 @@ from trillm.engine.cpu import cpu_info
 from trillm.engine.kv_cache import KVCache
 from trillm.engine.llama import LlamaModel
 from trillm.engine.model_runner import ModelRunner
-from trillm.engine.attention import choose_decode_attention
 from trillm.engine.precision import resolve_precision
 from trillm.engine.quant import LinearBuilder, QuantConfig, release_freed_memory, resident_memory_bytes
 from trillm.engine.sampler import sample

@@ -38,6 +38,13 @@ using trillm::float_to_bf16;
 
 constexpr int kLanes = 16;
 
+// The most keys any sequence of the call attends (the size of the per-thread score buffer).
+inline int64_t longest_len(const int32_t* lens, int64_t n) {
+    int64_t longest = 0;
+    for (int64_t s = 0; s < n; ++s) longest = lens[s] > longest ? lens[s] : longest;
+    return longest;
+}
+
 struct F32 {
     using T = float;
     static inline float load(T x) { return x; }
@@ -64,8 +71,7 @@ void decode(const typename C::T* q, int64_t q_row_stride, const typename C::T* k
     const int64_t group = heads / kv_heads;
     const int64_t d = head_dim;
     const int64_t token_stride = kv_heads * d;  // one token's K (or V) row, all KV heads
-    int64_t longest = 0;
-    for (int64_t s = 0; s < n; ++s) longest = lens[s] > longest ? lens[s] : longest;
+    const int64_t longest = longest_len(lens, n);
 #pragma omp parallel if (n > 1)
     {
     std::vector<float> qf(heads * d), acc(heads * d), row(token_stride), scores(heads * longest), inv_sum(heads);
@@ -149,8 +155,7 @@ void decode_avx512(const typename C::T* q, int64_t q_row_stride, const typename 
     constexpr int64_t d = 16 * NV;
     const int64_t group = heads / kv_heads;
     const int64_t token_stride = kv_heads * d;
-    int64_t longest = 0;
-    for (int64_t s = 0; s < n; ++s) longest = lens[s] > longest ? lens[s] : longest;
+    const int64_t longest = longest_len(lens, n);
 #pragma omp parallel if (n > 1)
     {
     std::vector<float> scores(longest);
