@@ -52,7 +52,8 @@ class CpuInfo:
                 f"{self.threads} threads of {self.logical_cpus} CPUs")
 
 
-def _cpuinfo_fields() -> tuple[str, set[str]]:
+def cpuinfo_fields() -> tuple[str, set[str]]:
+    """The CPU's model name and every ISA flag /proc/cpuinfo lists (ARM calls them "Features")."""
     model, flags = platform.processor() or platform.machine(), set()
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -63,7 +64,7 @@ def _cpuinfo_fields() -> tuple[str, set[str]]:
         key = key.strip()
         if key == "model name" and value.strip():
             model = value.strip()
-        elif key == "flags" and not flags:
+        elif key in ("flags", "Features") and not flags:
             flags = set(value.split())
     return model, flags
 
@@ -85,7 +86,7 @@ def _l3_bytes() -> int:
 
 @functools.cache
 def _static() -> tuple[str, tuple[str, ...], str, int]:
-    model, flags = _cpuinfo_fields()
+    model, flags = cpuinfo_fields()
     return (model, tuple(f for f in KERNEL_FLAGS if f in flags),
             torch.backends.cpu.get_cpu_capability(), _l3_bytes())
 

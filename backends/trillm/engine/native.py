@@ -34,7 +34,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
-from trillm.engine.cpu import cpu_info
+from trillm.engine.cpu import cpuinfo_fields
 
 log = logging.getLogger("trillm.engine")
 
@@ -70,12 +70,8 @@ def _key(cxx: str) -> str:
 
 def _cpu_flags() -> str:
     """Every ISA flag of this CPU (what ``-march=native`` code may use), and its model."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        flags = next((line.split(":", 1)[1] for line in lines if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return f"{cpu_info().model_name}|{' '.join(sorted(flags.split()))}"
+    model, flags = cpuinfo_fields()
+    return f"{model}|{' '.join(sorted(flags))}"
 
 
 def build(build_dir: Path | None = None) -> Path:
