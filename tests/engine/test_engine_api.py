@@ -128,3 +128,32 @@ def test_shutdown_cancels_requests_in_flight(demo_checkpoint):
     assert all(r.reason is FinishReason.CANCELLED for r in results.values())
     with pytest.raises(RuntimeError):
         engine.submit(GenerationRequest("late", [1], SamplingParams(max_tokens=1)), collector)
+
+
+def test_the_loop_thread_computes_with_the_configured_threads(demo_checkpoint):
+    """OpenMP's thread count is per thread: the loop thread must take the engine's (num_threads=1
+    here, not the machine's), and the loading thread's OpenMP workers are released (on Linux,
+    where /proc/self/maps names the runtime) so the loop thread's team is the only one."""
+    import sys
+
+    import torch
+
+    seen: list[int] = []
+    collector = Collector()
+
+    def on_output(output):
+        seen.append(torch.get_num_threads())  # called on the loop thread
+        collector(output)
+
+    before = torch.get_num_threads()
+    engine = make_engine(demo_checkpoint, max_model_len=128, max_num_seqs=2, num_threads=1)
+    try:
+        engine.submit(GenerationRequest("t", [5, 6, 7], greedy(2)), on_output)
+        assert collector.wait(["t"])["t"].finished
+        assert seen and set(seen) == {1}
+        openmp = engine.stats()["kernels"]["openmp"]
+        if sys.platform.startswith("linux"):
+            assert openmp.startswith("released the loading thread's workers") or "lacks" in openmp, openmp
+    finally:
+        engine.shutdown()
+        torch.set_num_threads(before)

@@ -1,8 +1,9 @@
 """The engine's native kernels (``csrc/``): built for this CPU on first use, loaded with ctypes.
 
-Two sources, one library: ``paged_decode.cpp`` (decode attention over the
-paged cache, :class:`PagedDecode`) and ``fused.cpp`` (the row-wise work
-between a layer's matmuls, :class:`Fused`).
+Three sources, one library: ``paged_decode.cpp`` (decode attention over the
+paged cache, :class:`PagedDecode`), ``fused.cpp`` (the row-wise work
+between a layer's matmuls, :class:`Fused`) and ``qmatmul.cpp`` (int4 and
+int8 weight-only matmuls with float32 activations, :class:`QMatmul`).
 
 Why native: decode attention is one small computation per sequence per
 layer (a query row against a few hundred keys), and torch pays several
@@ -38,7 +39,7 @@ from trillm.engine.cpu import cpuinfo_fields
 
 log = logging.getLogger("trillm.engine")
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("paged_decode.cpp", "fused.cpp"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("paged_decode.cpp", "fused.cpp", "qmatmul.cpp"))
 HEADERS = (Path(__file__).with_name("csrc") / "numerics.h",)
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fno-math-errno", "-std=c++17")
 # Tried first: the sequences of a call shared among torch's OpenMP threads (see the C source);
@@ -177,6 +178,39 @@ class Fused:
         self._lib.trillm_silu_mul(gate_up.data_ptr(), _code(gate_up), x.data_ptr(), _code(x), rows, n)
 
 
+class QMatmul:
+    """``csrc/qmatmul.cpp``'s int4 and int8 matmuls, on tensors (float32 activations, rows contiguous)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        lib = _library(path)
+        i64, vp = ctypes.c_int64, ctypes.c_void_p
+        lib.trillm_q4_matmul.argtypes = [vp, i64, i64, i64, vp, vp, vp, i64, i64, vp, vp, i64]
+        lib.trillm_q8_matmul.argtypes = [vp, i64, i64, i64, vp, vp, i64, vp, vp, i64]
+        for fn in (lib.trillm_q4_matmul, lib.trillm_q8_matmul, lib.trillm_qmatmul_isa):
+            fn.restype = ctypes.c_int
+        self.isa = "avx512" if lib.trillm_qmatmul_isa() else "generic"
+        self._lib = lib
+
+    def int4(self, x, packed, scale, zero, group: int, bias, y) -> None:
+        """``y = x @ deq(W).T (+ bias)`` for int4 ``packed`` [N, K / 2] with float32 ``scale``/``zero`` [N, K / group]."""
+        rows, k = x.shape
+        rc = self._lib.trillm_q4_matmul(x.data_ptr(), x.stride(0), rows, k, packed.data_ptr(), scale.data_ptr(),
+                                        zero.data_ptr(), group, packed.shape[0],
+                                        None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0))
+        if rc != 0:
+            raise ValueError(f"trillm_q4_matmul: {k} inputs with group {group} (needs a multiple of 32 and group 32/64/128)")
+
+    def int8(self, x, q, scale, bias, y) -> None:
+        """``y = x @ (q * scale[:, None]).T (+ bias)`` for int8 ``q`` [N, K] and float32 ``scale`` [N]."""
+        rows, k = x.shape
+        rc = self._lib.trillm_q8_matmul(x.data_ptr(), x.stride(0), rows, k, q.data_ptr(), scale.data_ptr(),
+                                        q.shape[0], None if bias is None else bias.data_ptr(), y.data_ptr(),
+                                        y.stride(0))
+        if rc != 0:
+            raise ValueError(f"trillm_q8_matmul: {k} inputs (needs a multiple of 32)")
+
+
 @cache
 def library() -> tuple[Path | None, str]:
     """(the built library, "") or (None, why not). Built at most once per process."""
@@ -210,6 +244,12 @@ def load() -> tuple[PagedDecode | None, str]:
 def load_fused() -> tuple[Fused | None, str]:
     """(the fused row-wise ops, "") or (None, why not)."""
     return _bind(Fused)
+
+
+@cache
+def load_qmatmul() -> tuple[QMatmul | None, str]:
+    """(the quantised matmuls, "") or (None, why not)."""
+    return _bind(QMatmul)
 
 
 def main() -> int:

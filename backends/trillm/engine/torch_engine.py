@@ -22,7 +22,7 @@ from trillm.engine.attention import choose_decode_attention
 from trillm.engine.block_manager import BlockManager
 from trillm.engine.checkpoint import LlamaSpec, load_tensors, read_config, safetensors_files
 from trillm.engine.config import EngineConfig, EngineLimits, resolve_limits
-from trillm.engine.cpu import cpu_info
+from trillm.engine.cpu import cpu_info, release_openmp_pool
 from trillm.engine.kv_cache import KVCache
 from trillm.engine.llama import LlamaModel
 from trillm.engine.model_runner import ModelRunner
@@ -81,6 +81,9 @@ class TorchEngine:
                              "from_cache": linears.loaded_from_cache,
                              "weight_bytes": self.model.weight_bytes}
         self.kernels = self.model.probe_batch_invariance(limits.max_num_batched_tokens, limits.max_num_seqs)
+        self.kernels["lm_head_kernel"] = self.model.lm_head.kernel
+        if linears.kernel_choices:
+            self.kernels["quant_kernels"] = dict(linears.kernel_choices)
         self.decode_attention = choose_decode_attention(spec.num_heads, spec.num_kv_heads, spec.head_dim,
                                                         limits.block_size, self.precision.kv_cache)
         self.kernels["decode_attention"] = self.decode_attention.name
@@ -108,6 +111,11 @@ class TorchEngine:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._snapshot = self._make_snapshot()
+        # The loop thread computes with this thread's torch thread count (OpenMP's count is per
+        # thread), and this thread's OpenMP workers go (cpu.release_openmp_pool: 3x at one row).
+        self._num_threads = torch.get_num_threads()
+        self.kernels["openmp"] = release_openmp_pool()
+        log.info("engine: %d compute threads; OpenMP: %s", self._num_threads, self.kernels["openmp"])
         self._thread = threading.Thread(target=self._loop, name="trillm-engine", daemon=True)
         self._thread.start()
 
@@ -186,6 +194,7 @@ class TorchEngine:
     # ---- the loop thread -------------------------------------------------------
 
     def _loop(self) -> None:
+        torch.set_num_threads(self._num_threads)
         with torch.inference_mode():
             while True:
                 with self._lock:
