@@ -160,9 +160,6 @@ class ServerOptions:
             )
 
 
-OMP_WAIT_POLICY = "PASSIVE"
-
-
 class TritonServer:
     """A tritonserver process; a context manager that always shuts it down."""
 
@@ -237,11 +234,11 @@ class TritonServer:
         self.options.drain_file.unlink(missing_ok=True)
         env[DRAIN_FILE_ENV] = str(self.options.drain_file)
         env[WATCH_PARENT_ENV] = "1"
-        # The engine's OpenMP threads share the cores with tritonserver's front end and the other
-        # models' stubs: spinning at a barrier takes a core the front end needs. Passive waiting,
-        # measured with `make bench-peers` (SmolLM2, 2-core Xeon, 32 streams): 156 -> 184 tok/s, ITL
-        # p50 186 -> 145 ms; 1 stream 17 -> 21 tok/s (docs/benchmarks.md). A user's setting wins.
-        env.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
+        # OpenMP's wait policy is left to libgomp (spin a while, then sleep) or the user. Passive
+        # waiting (OMP_WAIT_POLICY=PASSIVE, this launcher's default until the engine released its
+        # loading thread's OpenMP team) wakes the engine's workers from sleep at every parallel
+        # region; measured with `make bench-peers` (SmolLM2, 2-vCPU Xeon, GOMP_SPINCOUNT 0 / 10000 /
+        # libgomp's 300000): 31 / 42 / 44 tok/s at 1 stream, 142 / 177 / 210 at 8, 293 / 310 / 326 at 32.
         env.update(self.options.env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")

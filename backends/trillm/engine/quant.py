@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 linears on torch's CPU kernels, quantised at load and cached on disk.
+"""Weight-only int8 and int4 linears on torch's CPU kernels or ours, quantised at load and cached on disk.
 
 Formats (what torch's kernels take; ``q`` are the stored integers):
 
@@ -13,18 +13,28 @@ Formats (what torch's kernels take; ``q`` are the stored integers):
   its own integers: Q4_1 puts each block's min at 0 and max at 15, which is
   this grid.
 
-Both kernels take bfloat16 activations and scales: measured on torch 2.13
-(Xeon with AMX, 2 threads), their float32 paths run 10-300x slower than
-float32 oneDNN, their bfloat16 ones 2-5x faster at one row. So a quantised
-matmul rounds its input to bfloat16 and returns its result in the engine's
-dtype; the rest of the model (norms, attention, residuals, embedding) keeps
-the engine's dtype. Scales are chosen, then rounded to bfloat16, and only
+Two kernels for each format, chosen per matmul shape at load by timing both
+(:func:`choose_kernel`; ``stats()["kernels"]["quant_kernels"]`` says which
+and why):
+
+- torch's (aten): they take bfloat16 activations and scales. Measured on
+  torch 2.13 (Xeon with AMX, 2 threads), their float32 paths run 10-300x
+  slower than float32 oneDNN, their bfloat16 ones 2-5x faster at one row. So
+  such a matmul rounds its input to bfloat16 and returns its result in the
+  engine's dtype.
+- ours (``csrc/qmatmul.cpp``): float32 activations, the weights unpacked in
+  registers; the result is the float32 matmul of the dequantised weights.
+  Measured there at one row: int8 1.3-1.6x faster than aten's, int4 10-20%
+  slower (aten's uses AVX512-BF16 dot products).
+
+The rest of the model (norms, attention, residuals, embedding) keeps the
+engine's dtype. Scales are chosen, then rounded to bfloat16, and only
 then are the integers chosen against the rounded scales, so the stored grid
 is the grid the error bounds hold for (int8: ``|w - deq| <= scale / 2``;
 int4: ``<= scale / 2`` plus the bfloat16 rounding of the zero).
 
 The kernels need ``in_features`` divisible by the group size (int4) and
-``out_features`` by 16 (int4's packing); a model whose shapes break that is
+``out_features`` by 16 (aten's int4 packing); a model whose shapes break that is
 refused at load, naming the matrix.
 
 Cache: quantising SmolLM2-135M takes seconds on 2 cores; the integers and
