@@ -25,7 +25,9 @@ pytestmark = pytest.mark.engine
 
 # (heads, kv_heads, head_dim): d 64 and 128 take the AVX-512 specialisations where the CPU has AVX-512F;
 # 80 (5 x 16 lanes) and 40 (2 x 16 lanes + a remainder of 8) take the generic path everywhere.
-SHAPES = [(9, 3, 64), (8, 2, 128), (4, 4, 80), (6, 2, 40)]
+# AVX-512: (9, 3, 64) and (8, 4, 128) take the grouped path (G * d / 16 <= 16 accumulators),
+# (8, 2, 128) and (12, 2, 64) the per-head one; d 80 and 40 the generic path everywhere.
+SHAPES = [(9, 3, 64), (8, 2, 128), (4, 4, 80), (6, 2, 40), (8, 4, 128), (12, 2, 64)]
 DTYPES = [torch.float32, torch.bfloat16]
 FP32_U = 2.0 ** -24  # unit roundoff of float32 (24-bit significand)
 BF16_U = 2.0 ** -8  # and of bfloat16 (8-bit significand)

@@ -266,6 +266,107 @@ void decode_avx512(const typename C::T* q, int64_t q_row_stride, const typename 
     }
     }  // omp parallel
 }
+
+// The same computation with the G query heads of a KV head together (G * NV <= 16): each chunk of
+// 16 keys is widened to float32 once for the G heads (in L1), and each value row is read once into
+// G x NV accumulators. Every head's operations and their order are decode_avx512's, so the bits are
+// too (tests/engine/test_native_attention.py checks the kernel against float64 for grouped and
+// ungrouped head layouts).
+template <typename C, int NV, int G>
+void decode_avx512_grouped(const typename C::T* q, int64_t q_row_stride, const typename C::T* k_cache,
+                           const typename C::T* v_cache, const int32_t* tables, int64_t max_blocks,
+                           const int32_t* lens, const int32_t* rows, int64_t n, int64_t kv_heads, int64_t block_size,
+                           float scale, typename C::T* out, int64_t out_row_stride) {
+    using T = typename C::T;
+    constexpr int64_t d = 16 * NV;
+    const int64_t token_stride = kv_heads * d;
+    const int64_t longest = longest_len(lens, n);
+#pragma omp parallel if (n > 1)
+    {
+    std::vector<float> scores(G * longest);
+    alignas(64) float kf[16 * d];
+    alignas(64) float qf[G * d];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t s = 0; s < n; ++s) {
+        const int64_t len = lens[s];
+        const int32_t* table = tables + s * max_blocks;
+        const T* q_row = q + rows[s] * q_row_stride;
+        T* out_row = out + rows[s] * out_row_stride;
+        for (int64_t g = 0; g < kv_heads; ++g) {
+            const int64_t kv_offset = g * d;
+            const __m512 sc = _mm512_set1_ps(scale);
+            for (int h = 0; h < G; ++h)
+                for (int v = 0; v < NV; ++v)
+                    _mm512_store_ps(qf + h * d + 16 * v, _mm512_mul_ps(load16<C>(q_row + (g * G + h) * d + 16 * v), sc));
+            for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
+                const int64_t count = len - t0 < block_size ? len - t0 : block_size;
+                const T* k = k_cache + static_cast<int64_t>(table[b]) * block_size * token_stride + kv_offset;
+                for (int64_t c0 = 0; c0 < count; c0 += 16) {
+                    const int m = count - c0 < 16 ? static_cast<int>(count - c0) : 16;
+                    for (int tt = 0; tt < m; ++tt)
+                        for (int v = 0; v < NV; ++v)
+                            _mm512_store_ps(kf + tt * d + 16 * v, load16<C>(k + (c0 + tt) * token_stride + 16 * v));
+                    for (int h = 0; h < G; ++h) {
+                        const float* qh = qf + h * d;
+                        __m512 acc[16];
+                        for (int tt = 0; tt < 16; ++tt) {
+                            if (tt >= m) {
+                                acc[tt] = _mm512_setzero_ps();
+                                continue;
+                            }
+                            acc[tt] = _mm512_mul_ps(_mm512_load_ps(qh), _mm512_load_ps(kf + tt * d));
+                            for (int v = 1; v < NV; ++v)
+                                acc[tt] = _mm512_fmadd_ps(_mm512_load_ps(qh + 16 * v), _mm512_load_ps(kf + tt * d + 16 * v),
+                                                          acc[tt]);
+                        }
+                        _mm512_mask_storeu_ps(&scores[h * longest + t0 + c0], tail_mask(m), sum16(acc));
+                    }
+                }
+            }
+            float inv_sum[G];
+            for (int h = 0; h < G; ++h) {
+                float* sh = &scores[h * longest];
+                __m512 top16 = _mm512_set1_ps(-INFINITY);
+                for (int64_t t = 0; t < len; t += 16) {
+                    const __mmask16 live = tail_mask(len - t);
+                    top16 = _mm512_mask_max_ps(top16, live, top16, _mm512_maskz_loadu_ps(live, sh + t));
+                }
+                const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top16));
+                __m512 sum16v = _mm512_setzero_ps();
+                for (int64_t t = 0; t < len; t += 16) {
+                    const __mmask16 live = tail_mask(len - t);
+                    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sh + t), top));
+                    _mm512_mask_storeu_ps(sh + t, live, e);
+                    sum16v = _mm512_mask_add_ps(sum16v, live, sum16v, e);
+                }
+                inv_sum[h] = 1.f / _mm512_reduce_add_ps(sum16v);
+            }
+            __m512 o[G][NV];
+            for (int h = 0; h < G; ++h)
+                for (int v = 0; v < NV; ++v) o[h][v] = _mm512_setzero_ps();
+            for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
+                const int64_t count = len - t0 < block_size ? len - t0 : block_size;
+                const T* vr = v_cache + static_cast<int64_t>(table[b]) * block_size * token_stride + kv_offset;
+                for (int64_t tt = 0; tt < count; ++tt, vr += token_stride) {
+                    __m512 vv[NV];
+                    for (int v = 0; v < NV; ++v) vv[v] = load16<C>(vr + 16 * v);
+                    for (int h = 0; h < G; ++h) {
+                        const __m512 p = _mm512_set1_ps(scores[h * longest + t0 + tt]);
+                        for (int v = 0; v < NV; ++v) o[h][v] = _mm512_fmadd_ps(p, vv[v], o[h][v]);
+                    }
+                }
+            }
+            for (int h = 0; h < G; ++h) {
+                alignas(64) float result[d];
+                const __m512 inv = _mm512_set1_ps(inv_sum[h]);
+                for (int v = 0; v < NV; ++v) _mm512_store_ps(result + 16 * v, _mm512_mul_ps(o[h][v], inv));
+                T* dst = out_row + (g * G + h) * d;
+                for (int64_t i = 0; i < d; ++i) dst[i] = C::store(result[i]);
+            }
+        }
+    }
+    }  // omp parallel
+}
 #endif
 
 template <typename C>
@@ -274,6 +375,17 @@ void dispatch(const typename C::T* q, int64_t q_row_stride, const typename C::T*
               int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale,
               typename C::T* out, int64_t out_row_stride) {
 #if defined(__AVX512F__)
+#define TRILLM_GROUPED(NV, G)                                                                                  \
+    if (heads == (G) * kv_heads)                                                                               \
+        return decode_avx512_grouped<C, NV, G>(q, q_row_stride, k_cache, v_cache, tables, max_blocks, lens, rows, n, \
+                                               kv_heads, block_size, scale, out, out_row_stride);
+    if (head_dim == 64) {
+        TRILLM_GROUPED(4, 1) TRILLM_GROUPED(4, 2) TRILLM_GROUPED(4, 3) TRILLM_GROUPED(4, 4)
+    }
+    if (head_dim == 128) {
+        TRILLM_GROUPED(8, 1) TRILLM_GROUPED(8, 2)
+    }
+#undef TRILLM_GROUPED
     if (head_dim == 64)
         return decode_avx512<C, 4>(q, q_row_stride, k_cache, v_cache, tables, max_blocks, lens, rows, n, heads,
                                    kv_heads, block_size, scale, out, out_row_stride);
