@@ -165,6 +165,12 @@ class _Call:
     abort_error: str | None = None  # set when the server ends the call (shutdown): its final response's error
 
 
+# How often the clients' cancellation flags are polled. Each poll of a call is a round trip to
+# tritonserver; at 20 ms the polls of 32 streams took 4.7% of the engine process's samples
+# (py-spy), and 100 ms served 337 -> 353 tok/s at 32 streams (bench-peers, one run each).
+CANCEL_POLL_S = 0.1
+
+
 class GenerationHost:
     """Owns an engine; submits requests and turns their outputs into responses.
 
@@ -459,9 +465,9 @@ class GenerationHost:
         )
 
     # -- cancellation ------------------------------------------------------
-    def _watch_cancellation(self, period: float = 0.02) -> None:
-        """Poll the clients' cancellation flags; a cancelled call's sequences
-        are dropped by the engine within one step."""
+    def _watch_cancellation(self, period: float = CANCEL_POLL_S) -> None:
+        """Poll the clients' cancellation flags every ``period`` seconds; a cancelled
+        call's sequences are dropped by the engine within one step of being seen."""
         while not self._stopping.wait(period):
             if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
                 self.abort_all(SHUTTING_DOWN + ": the request did not finish within the drain timeout")
