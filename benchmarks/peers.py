@@ -183,12 +183,12 @@ def vllm_cpu_binding(log: Path) -> str:
     return ", ".join(dict.fromkeys(found)) or "not logged"
 
 
-def llama_server(binary: Path, gguf: Path):
+def llama_server(binary: Path, gguf: Path, extra: tuple[str, ...] = ()):
     """llama.cpp's server: MAX_NUM_SEQS slots of MAX_MODEL_LEN tokens each, continuous batching, every CPU."""
     port = free_port()
     command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                "--parallel", str(MAX_NUM_SEQS), "--ctx-size", str(MAX_NUM_SEQS * MAX_MODEL_LEN),
-               "--threads", str(os.cpu_count() or 1), "--cont-batching", "--no-webui"]
+               "--threads", str(os.cpu_count() or 1), "--cont-batching", "--no-webui", *extra]
     return http_server("llama-server", command, port, WORK / f"llama-server-{gguf.stem}.log", {}, 300.0)
 
 
@@ -301,8 +301,18 @@ def run_llama(binary: Path, ggufs: list[Path], prompts: Prompts, workload: Workl
         kind = gguf.stem.rsplit(".", 1)[-1]  # <model>.<type>.gguf: f32, Q4_1, ...
         entry = {"name": f"llama.cpp server {kind} (OpenAI server)", "engine": "llama.cpp", "dtype": kind,
                  "protocol": "openai", "gguf": str(gguf)}
-        _launch(entry, entries, llama_server(binary, gguf),
-                lambda url, entry=entry, gguf=gguf: _measure(entry, lambda: _openai_sweep(url, gguf.name, prompts, workload, levels)))
+        use = lambda url, entry=entry, gguf=gguf: _measure(entry, lambda: _openai_sweep(url, gguf.name, prompts, workload, levels))  # noqa: E731
+        _launch(entry, entries, llama_server(binary, gguf), use)
+        if entry.get("error") and "exited with -11" in entry["error"]:
+            # Seen on a Sapphire Rapids KVM guest: llama-server 0.3.36's build crashes loading the Q4_1
+            # GGUF with its default weight repacking (the AMX/repacked buffers); without it, it runs.
+            entries.remove(entry)
+            first_error = entry.pop("error")
+            retry = {**entry, "name": f"llama.cpp server {kind}, --no-repack (OpenAI server)",
+                     "flags": ["--no-repack"], "default_flags_error": first_error}
+            _launch(retry, entries, llama_server(binary, gguf, ("--no-repack",)),
+                    lambda url, entry=retry, gguf=gguf: _measure(entry, lambda: _openai_sweep(url, gguf.name, prompts,
+                                                                                              workload, levels)))
     return entries
 
 
