@@ -236,3 +236,17 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.005) -> boo
             return True
         time.sleep(interval)
     return predicate()
+
+
+def build_generic(source_name: str, directory: Path) -> Path:
+    """One of the native sources built without AVX-512 (its portable paths), as on a CPU without it."""
+    import subprocess
+
+    from trillm.engine import native
+
+    source = next(p for p in native.SOURCES if p.name == source_name)
+    path = directory / f"lib{source.stem}_generic.so"
+    result = subprocess.run([native.compiler(), *native.FLAGS, *native.OPENMP_FLAGS, "-mno-avx512f", "-o", str(path),
+                             str(source)], capture_output=True, text=True, timeout=native.BUILD_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr[-500:]
+    return path

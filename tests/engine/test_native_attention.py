@@ -8,7 +8,6 @@ sequence's length or outside its block table shows up as NaN in its output.
 from __future__ import annotations
 
 import math
-import subprocess
 
 import pytest
 import torch
@@ -16,17 +15,17 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine_helpers import (Collector, assert_matches_reference, greedy, hf_greedy, load_hf, make_engine, prompts,
-                            requests, run, torch_threads)
+from engine_helpers import (Collector, assert_matches_reference, build_generic, greedy, hf_greedy, load_hf,
+                            make_engine, prompts, requests, run, torch_threads)
 from trillm.engine import native
 from trillm.engine.attention import DecodeBatch, _native_decode
 
 pytestmark = pytest.mark.engine
 
-# (heads, kv_heads, head_dim): d 64 and 128 take the AVX-512 specialisations where the CPU has AVX-512F;
-# 80 (5 x 16 lanes) and 40 (2 x 16 lanes + a remainder of 8) take the generic path everywhere.
-# AVX-512: (9, 3, 64) and (8, 4, 128) take the grouped path (G * d / 16 <= 16 accumulators),
-# (8, 2, 128) and (12, 2, 64) the per-head one; d 80 and 40 the generic path everywhere.
+# (heads, kv_heads, head_dim): d 64 and 128 take the AVX-512 specialisations where the CPU has AVX-512F,
+# (9, 3, 64) and (8, 4, 128) the grouped one (heads per KV head x d / 16 <= 16 accumulators), (8, 2, 128)
+# and (12, 2, 64) the per-head one; 80 (5 x 16 lanes) and 40 (2 x 16 lanes + a remainder of 8) take the
+# generic path everywhere.
 SHAPES = [(9, 3, 64), (8, 2, 128), (4, 4, 80), (6, 2, 40), (8, 4, 128), (12, 2, 64)]
 DTYPES = [torch.float32, torch.bfloat16]
 FP32_U = 2.0 ** -24  # unit roundoff of float32 (24-bit significand)
@@ -45,11 +44,7 @@ def kernel() -> native.PagedDecode:
 @pytest.fixture(scope="module")
 def generic_kernel(kernel, tmp_path_factory) -> native.PagedDecode:
     """The decode kernel built without AVX-512 (its generic path for every head_dim), as on a CPU without it."""
-    source = next(p for p in native.SOURCES if p.name == "paged_decode.cpp")
-    path = tmp_path_factory.mktemp("generic") / "libpaged_decode_generic.so"
-    result = subprocess.run([native.compiler(), *native.FLAGS, *native.OPENMP_FLAGS, "-mno-avx512f", "-o", str(path),
-                             str(source)], capture_output=True, text=True, timeout=native.BUILD_TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-500:]
+    path = build_generic("paged_decode.cpp", tmp_path_factory.mktemp("generic"))
     return native.PagedDecode(path)
 
 

@@ -3,11 +3,10 @@ CPU and as its generic (no AVX-512) path; and quant.choose_kernel, which picks i
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 import torch
 
+from engine_helpers import build_generic
 from trillm.engine import native, quant
 
 pytestmark = pytest.mark.engine
@@ -26,11 +25,7 @@ def built() -> native.QMatmul:
 @pytest.fixture(scope="module")
 def generic(built, tmp_path_factory) -> native.QMatmul:
     """The kernel built without AVX-512, as on a CPU without it."""
-    source = next(p for p in native.SOURCES if p.name == "qmatmul.cpp")
-    path = tmp_path_factory.mktemp("generic") / "libqmatmul_generic.so"
-    result = subprocess.run([native.compiler(), *native.FLAGS, *native.OPENMP_FLAGS, "-mno-avx512f", "-o", str(path),
-                             str(source)], capture_output=True, text=True, timeout=native.BUILD_TIMEOUT_S)
-    assert result.returncode == 0, result.stderr[-500:]
+    path = build_generic("qmatmul.cpp", tmp_path_factory.mktemp("generic"))
     kernel = native.QMatmul(path)
     assert kernel.isa == "generic"
     return kernel

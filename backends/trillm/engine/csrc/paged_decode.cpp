@@ -170,6 +170,24 @@ inline __m512 exp512(__m512 x) {
     return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
+// Softmax's numerators in place: s[t] = exp(s[t] - max s), 16 lanes at a time; returns their sum.
+inline float exp_shifted(float* s, int64_t len) {
+    __m512 top16 = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < len; t += 16) {
+        const __mmask16 live = tail_mask(len - t);
+        top16 = _mm512_mask_max_ps(top16, live, top16, _mm512_maskz_loadu_ps(live, s + t));
+    }
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top16));
+    __m512 sum16v = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; t += 16) {
+        const __mmask16 live = tail_mask(len - t);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + t), top));
+        _mm512_mask_storeu_ps(s + t, live, e);
+        sum16v = _mm512_mask_add_ps(sum16v, live, sum16v, e);
+    }
+    return _mm512_reduce_add_ps(sum16v);
+}
+
 // Lane t of the result = the sum of a[t]'s 16 lanes, for 16 vectors at once (about 45 shuffles
 // and adds where 16 horizontal sums take about 150). Every a[t] goes through the same tree
 // (lanes i and i + 2 of each 128-bit quarter, then the two pairs, then quarters 0 + 2 and
@@ -234,20 +252,7 @@ void decode_avx512(const typename C::T* q, int64_t q_row_stride, const typename 
                     _mm512_mask_storeu_ps(&scores[t0 + c0], static_cast<__mmask16>((1u << m) - 1u), sum16(acc));
                 }
             }
-            __m512 top16 = _mm512_set1_ps(-INFINITY);
-            for (int64_t t = 0; t < len; t += 16) {
-                const __mmask16 live = tail_mask(len - t);
-                top16 = _mm512_mask_max_ps(top16, live, top16, _mm512_maskz_loadu_ps(live, &scores[t]));
-            }
-            const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top16));
-            __m512 sum16 = _mm512_setzero_ps();
-            for (int64_t t = 0; t < len; t += 16) {
-                const __mmask16 live = tail_mask(len - t);
-                const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, &scores[t]), top));
-                _mm512_mask_storeu_ps(&scores[t], live, e);
-                sum16 = _mm512_mask_add_ps(sum16, live, sum16, e);
-            }
-            const float sum = _mm512_reduce_add_ps(sum16);
+            const float sum = exp_shifted(scores.data(), len);
             __m512 o[NV];
             for (int v = 0; v < NV; ++v) o[v] = _mm512_setzero_ps();
             for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
@@ -325,21 +330,7 @@ void decode_avx512_grouped(const typename C::T* q, int64_t q_row_stride, const t
             }
             float inv_sum[G];
             for (int h = 0; h < G; ++h) {
-                float* sh = &scores[h * longest];
-                __m512 top16 = _mm512_set1_ps(-INFINITY);
-                for (int64_t t = 0; t < len; t += 16) {
-                    const __mmask16 live = tail_mask(len - t);
-                    top16 = _mm512_mask_max_ps(top16, live, top16, _mm512_maskz_loadu_ps(live, sh + t));
-                }
-                const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(top16));
-                __m512 sum16v = _mm512_setzero_ps();
-                for (int64_t t = 0; t < len; t += 16) {
-                    const __mmask16 live = tail_mask(len - t);
-                    const __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, sh + t), top));
-                    _mm512_mask_storeu_ps(sh + t, live, e);
-                    sum16v = _mm512_mask_add_ps(sum16v, live, sum16v, e);
-                }
-                inv_sum[h] = 1.f / _mm512_reduce_add_ps(sum16v);
+                inv_sum[h] = 1.f / exp_shifted(&scores[h * longest], len);
             }
             __m512 o[G][NV];
             for (int h = 0; h < G; ++h)
