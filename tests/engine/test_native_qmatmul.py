@@ -145,10 +145,17 @@ def test_kernel_choice_follows_the_environment(built, monkeypatch, choice):
         quant.choose_kernel.cache_clear()
 
 
-def test_auto_choice_is_measured_and_says_so(built, monkeypatch):
+def test_auto_choice_follows_the_table_and_measure_times_both(built, monkeypatch):
+    """auto is the same choice at every load (no timing: the kernels round differently);
+    measure times both and keeps the faster."""
     monkeypatch.delenv("TRILLM_QUANT_KERNEL", raising=False)
     quant.choose_kernel.cache_clear()
     try:
+        int8, why8 = quant.choose_kernel("int8", 64, 128, 0)
+        assert (int8 == "native") == (built.isa == "avx512") and why8.startswith("table: ")
+        assert quant.choose_kernel("int4", 64, 128, 32)[0] == "aten"
+        monkeypatch.setenv("TRILLM_QUANT_KERNEL", "measure")
+        quant.choose_kernel.cache_clear()
         kernel, why = quant.choose_kernel("int8", 64, 128, 0)
         assert kernel in ("native", "aten") and why.startswith("measured at load (64x128, 1 row): native ")
         timings = dict(part.split(" ")[:2] for part in why.split(": ", 1)[1].split(" vs "))

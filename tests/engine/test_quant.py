@@ -187,7 +187,7 @@ def test_shapes_the_int4_kernel_cannot_take_are_named(tmp_path):
 def test_an_int4_model_has_an_int8_lm_head(small_llama):
     engine = H.make_engine(small_llama, quantization="int4", max_model_len=64, max_num_seqs=2)
     try:
-        # which kernel runs each is measured at load (quant.choose_kernel), so either may
+        # which kernel runs each depends on the CPU (quant.choose_kernel), so either may
         assert engine.model.lm_head.mode == "int8" and engine.model.layers[0].down.mode == "int4"
         assert engine.model.lm_head.kernel in ("aten-int8pack-bf16", f"native-int8-{ISA}")
         assert engine.model.layers[0].down.kernel in ("aten-int4pack-bf16-g32", f"native-int4-{ISA}-g32")

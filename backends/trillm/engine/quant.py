@@ -13,9 +13,9 @@ Formats (what torch's kernels take; ``q`` are the stored integers):
   its own integers: Q4_1 puts each block's min at 0 and max at 15, which is
   this grid.
 
-Two kernels for each format, chosen per matmul shape at load by timing both
-(:func:`choose_kernel`; ``stats()["kernels"]["quant_kernels"]`` says which
-and why):
+Two kernels for each format, chosen per matmul by a table measured on this
+project's Xeon (:func:`choose_kernel`; ``stats()["kernels"]["quant_kernels"]``
+says which and why; ``TRILLM_QUANT_KERNEL=measure`` times both at load instead):
 
 - torch's (aten): they take bfloat16 activations and scales. Measured on
   torch 2.13 (Xeon with AMX, 2 threads), their float32 paths run 10-300x
@@ -229,34 +229,54 @@ def native_kernel(choice: str, in_features: int):
     return kernel
 
 
-KERNEL_CHOICES = ("auto", "native", "aten")
-PROBE_ROWS = 1  # what the choice is timed at: one decoding row, the case quantisation is for
+KERNEL_CHOICES = ("auto", "native", "aten", "measure")
+PROBE_ROWS = 1  # what "measure" times: one decoding row, the case quantisation is for
 
 
 @functools.cache
 def choose_kernel(mode: str, out_features: int, in_features: int, group_size: int) -> tuple[str, str]:
     """("native" or "aten", why) for a quantised matmul of this shape on this CPU.
 
-    ``TRILLM_QUANT_KERNEL`` = auto (default) | native | aten. auto times both
-    on random weights of the shape, one row, one thread (precision.best_cpu_ms),
-    and takes the faster: measured on a Sapphire Rapids Xeon, aten's bfloat16
-    int4 kernel (AVX512-BF16 dot products) beats the float32 native one by
-    10-20% at one row, while the native int8 one beats aten's by 1.3-1.6x.
-    Where the native kernels cannot be built, or the shape is not theirs: aten.
+    ``TRILLM_QUANT_KERNEL`` = auto (default) | native | aten | measure.
+
+    auto follows a table measured on a Sapphire Rapids Xeon (docs/benchmarks.md
+    "Kernels, per matmul"): the native int8 kernel (AVX-512 build) is 1.3-1.6x
+    faster than aten's at one row, and aten's bfloat16 int4 kernel is 10-20%
+    faster than the native one. So int8 runs natively where the AVX-512 path
+    was built, and everything else on aten's. It is not timed at load, because
+    the two kernels round differently. A choice that flips between loads of the
+    same model on a busy machine would change a version's greedy text after a
+    reload; this was seen in tests/versions with a timing probe.
+
+    measure times both kernels at load on random weights of the shape (one row,
+    one thread, precision.best_cpu_ms) and keeps the faster. Use it to check the
+    table on another CPU. Where the native kernels cannot be built, or the shape
+    is not theirs, the choice is aten.
     """
     choice = os.environ.get("TRILLM_QUANT_KERNEL", "auto")
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"TRILLM_QUANT_KERNEL: {choice!r} is not one of {', '.join(KERNEL_CHOICES)}")
-    if choice != "auto":
+    if choice in ("native", "aten"):
         return choice, f"TRILLM_QUANT_KERNEL={choice}"
     if in_features % 32:
         return "aten", f"native kernels need in_features divisible by 32 ({in_features})"
     from trillm.engine import native
-    from trillm.engine.precision import best_cpu_ms
 
     kernel, why = native.load_qmatmul()
     if kernel is None:
         return "aten", why
+    if choice == "measure":
+        return _measured(mode, out_features, in_features, group_size)
+    if mode == "int8" and kernel.isa == "avx512":
+        return "native", "table: native int8 (AVX-512) 1.3-1.6x aten's at one row on a Sapphire Rapids Xeon"
+    if mode == "int8":
+        return "aten", "table: the native int8 kernel's portable path is not measured faster than aten's"
+    return "aten", "table: aten's bfloat16 int4 kernel 10-20% faster than the native one at one row (Sapphire Rapids)"
+
+
+def _measured(mode: str, out_features: int, in_features: int, group_size: int) -> tuple[str, str]:
+    from trillm.engine.precision import best_cpu_ms
+
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(out_features, in_features, generator=generator) * 0.05
     q, scales = quantize_int8(weight) if mode == "int8" else quantize_int4(weight, group_size)
