@@ -136,10 +136,6 @@ void decode(const typename C::T* q, int64_t q_row_stride, const typename C::T* k
 }
 
 #if defined(__AVX512F__)
-// The AVX-512 path, for head_dim = 16 * NV: one query head at a time, its NV x 16 query lanes in
-// registers; a score is NV multiply-adds and a fixed-order sum of the 16 lanes (16 keys' sums done
-// together, sum16); the weighted sum of V keeps NV accumulators in registers. Same algorithm and
-// order for every sequence.
 template <typename C> inline __m512 load16(const typename C::T* p);
 template <> inline __m512 load16<F32>(const float* p) { return _mm512_loadu_ps(p); }
 template <> inline __m512 load16<BF16>(const uint16_t* p) {
@@ -210,7 +206,11 @@ inline __m512 sum16(const __m512* a) {
                          _mm512_shuffle_f32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-template <typename C, int NV>
+// The AVX-512 path, for head_dim = 16 * NV, HT query heads of one KV head at a time (HT divides the
+// heads per KV head; HT * NV <= 16 accumulators): each chunk of 16 keys is widened to float32 once
+// for the HT heads (in L1), and each value row is read once into HT x NV accumulators. A head's
+// operations and their order do not depend on HT, so neither do its bits.
+template <typename C, int NV, int HT>
 void decode_avx512(const typename C::T* q, int64_t q_row_stride, const typename C::T* k_cache,
                    const typename C::T* v_cache, const int32_t* tables, int64_t max_blocks, const int32_t* lens,
                    const int32_t* rows, int64_t n, int64_t heads, int64_t kv_heads, int64_t block_size, float scale,
@@ -222,87 +222,22 @@ void decode_avx512(const typename C::T* q, int64_t q_row_stride, const typename 
     const int64_t longest = longest_len(lens, n);
 #pragma omp parallel if (n > 1)
     {
-    std::vector<float> scores(longest);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t s = 0; s < n; ++s) {
-        const int64_t len = lens[s];
-        const int32_t* table = tables + s * max_blocks;
-        const T* q_row = q + rows[s] * q_row_stride;
-        T* out_row = out + rows[s] * out_row_stride;
-        for (int64_t h = 0; h < heads; ++h) {
-            const int64_t kv_offset = (h / group) * d;
-            __m512 qv[NV];
-            const __m512 sc = _mm512_set1_ps(scale);
-            for (int v = 0; v < NV; ++v) qv[v] = _mm512_mul_ps(load16<C>(q_row + h * d + 16 * v), sc);
-            for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
-                const int64_t count = len - t0 < block_size ? len - t0 : block_size;
-                const T* k = k_cache + static_cast<int64_t>(table[b]) * block_size * token_stride + kv_offset;
-                for (int64_t c0 = 0; c0 < count; c0 += 16) {  // 16 keys' scores at a time, one vector
-                    const int m = count - c0 < 16 ? static_cast<int>(count - c0) : 16;
-                    __m512 acc[16];
-                    for (int tt = 0; tt < 16; ++tt) {
-                        if (tt >= m) {
-                            acc[tt] = _mm512_setzero_ps();
-                            continue;
-                        }
-                        const T* kr = k + (c0 + tt) * token_stride;
-                        acc[tt] = _mm512_mul_ps(qv[0], load16<C>(kr));
-                        for (int v = 1; v < NV; ++v) acc[tt] = _mm512_fmadd_ps(qv[v], load16<C>(kr + 16 * v), acc[tt]);
-                    }
-                    _mm512_mask_storeu_ps(&scores[t0 + c0], static_cast<__mmask16>((1u << m) - 1u), sum16(acc));
-                }
-            }
-            const float sum = exp_shifted(scores.data(), len);
-            __m512 o[NV];
-            for (int v = 0; v < NV; ++v) o[v] = _mm512_setzero_ps();
-            for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
-                const int64_t count = len - t0 < block_size ? len - t0 : block_size;
-                const T* vr = v_cache + static_cast<int64_t>(table[b]) * block_size * token_stride + kv_offset;
-                for (int64_t tt = 0; tt < count; ++tt, vr += token_stride) {
-                    const __m512 p = _mm512_set1_ps(scores[t0 + tt]);
-                    for (int v = 0; v < NV; ++v) o[v] = _mm512_fmadd_ps(p, load16<C>(vr + 16 * v), o[v]);
-                }
-            }
-            alignas(64) float result[d];
-            const __m512 inv = _mm512_set1_ps(1.f / sum);
-            for (int v = 0; v < NV; ++v) _mm512_store_ps(result + 16 * v, _mm512_mul_ps(o[v], inv));
-            for (int64_t i = 0; i < d; ++i) out_row[h * d + i] = C::store(result[i]);
-        }
-    }
-    }  // omp parallel
-}
-
-// The same computation with the G query heads of a KV head together (G * NV <= 16): each chunk of
-// 16 keys is widened to float32 once for the G heads (in L1), and each value row is read once into
-// G x NV accumulators. Every head's operations and their order are decode_avx512's, so the bits are
-// too (tests/engine/test_native_attention.py checks the kernel against float64 for grouped and
-// ungrouped head layouts).
-template <typename C, int NV, int G>
-void decode_avx512_grouped(const typename C::T* q, int64_t q_row_stride, const typename C::T* k_cache,
-                           const typename C::T* v_cache, const int32_t* tables, int64_t max_blocks,
-                           const int32_t* lens, const int32_t* rows, int64_t n, int64_t kv_heads, int64_t block_size,
-                           float scale, typename C::T* out, int64_t out_row_stride) {
-    using T = typename C::T;
-    constexpr int64_t d = 16 * NV;
-    const int64_t token_stride = kv_heads * d;
-    const int64_t longest = longest_len(lens, n);
-#pragma omp parallel if (n > 1)
-    {
-    std::vector<float> scores(G * longest);
+    std::vector<float> scores(HT * longest);
     alignas(64) float kf[16 * d];
-    alignas(64) float qf[G * d];
+    alignas(64) float qf[HT * d];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t s = 0; s < n; ++s) {
         const int64_t len = lens[s];
         const int32_t* table = tables + s * max_blocks;
         const T* q_row = q + rows[s] * q_row_stride;
         T* out_row = out + rows[s] * out_row_stride;
-        for (int64_t g = 0; g < kv_heads; ++g) {
-            const int64_t kv_offset = g * d;
+        for (int64_t h0 = 0; h0 < heads; h0 += HT) {
+            const int64_t kv_offset = (h0 / group) * d;
             const __m512 sc = _mm512_set1_ps(scale);
-            for (int h = 0; h < G; ++h)
+            for (int h = 0; h < HT; ++h)
                 for (int v = 0; v < NV; ++v)
-                    _mm512_store_ps(qf + h * d + 16 * v, _mm512_mul_ps(load16<C>(q_row + (g * G + h) * d + 16 * v), sc));
+                    _mm512_store_ps(qf + h * d + 16 * v, _mm512_mul_ps(load16<C>(q_row + (h0 + h) * d + 16 * v), sc));
+            // scores[h, t] = q_h . k_t, 16 keys' scores at a time in one vector (sum16)
             for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
                 const int64_t count = len - t0 < block_size ? len - t0 : block_size;
                 const T* k = k_cache + static_cast<int64_t>(table[b]) * block_size * token_stride + kv_offset;
@@ -311,7 +246,7 @@ void decode_avx512_grouped(const typename C::T* q, int64_t q_row_stride, const t
                     for (int tt = 0; tt < m; ++tt)
                         for (int v = 0; v < NV; ++v)
                             _mm512_store_ps(kf + tt * d + 16 * v, load16<C>(k + (c0 + tt) * token_stride + 16 * v));
-                    for (int h = 0; h < G; ++h) {
+                    for (int h = 0; h < HT; ++h) {
                         const float* qh = qf + h * d;
                         __m512 acc[16];
                         for (int tt = 0; tt < 16; ++tt) {
@@ -328,12 +263,11 @@ void decode_avx512_grouped(const typename C::T* q, int64_t q_row_stride, const t
                     }
                 }
             }
-            float inv_sum[G];
-            for (int h = 0; h < G; ++h) {
-                inv_sum[h] = 1.f / exp_shifted(&scores[h * longest], len);
-            }
-            __m512 o[G][NV];
-            for (int h = 0; h < G; ++h)
+            float inv_sum[HT];
+            for (int h = 0; h < HT; ++h) inv_sum[h] = 1.f / exp_shifted(&scores[h * longest], len);
+            // out_h = sum_t p[h, t] v_t / sum_t p[h, t]
+            __m512 o[HT][NV];
+            for (int h = 0; h < HT; ++h)
                 for (int v = 0; v < NV; ++v) o[h][v] = _mm512_setzero_ps();
             for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
                 const int64_t count = len - t0 < block_size ? len - t0 : block_size;
@@ -341,17 +275,17 @@ void decode_avx512_grouped(const typename C::T* q, int64_t q_row_stride, const t
                 for (int64_t tt = 0; tt < count; ++tt, vr += token_stride) {
                     __m512 vv[NV];
                     for (int v = 0; v < NV; ++v) vv[v] = load16<C>(vr + 16 * v);
-                    for (int h = 0; h < G; ++h) {
+                    for (int h = 0; h < HT; ++h) {
                         const __m512 p = _mm512_set1_ps(scores[h * longest + t0 + tt]);
                         for (int v = 0; v < NV; ++v) o[h][v] = _mm512_fmadd_ps(p, vv[v], o[h][v]);
                     }
                 }
             }
-            for (int h = 0; h < G; ++h) {
+            for (int h = 0; h < HT; ++h) {
                 alignas(64) float result[d];
                 const __m512 inv = _mm512_set1_ps(inv_sum[h]);
                 for (int v = 0; v < NV; ++v) _mm512_store_ps(result + 16 * v, _mm512_mul_ps(o[h][v], inv));
-                T* dst = out_row + (g * G + h) * d;
+                T* dst = out_row + (h0 + h) * d;
                 for (int64_t i = 0; i < d; ++i) dst[i] = C::store(result[i]);
             }
         }
@@ -366,23 +300,19 @@ void dispatch(const typename C::T* q, int64_t q_row_stride, const typename C::T*
               int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale,
               typename C::T* out, int64_t out_row_stride) {
 #if defined(__AVX512F__)
-#define TRILLM_GROUPED(NV, G)                                                                                  \
-    if (heads == (G) * kv_heads)                                                                               \
-        return decode_avx512_grouped<C, NV, G>(q, q_row_stride, k_cache, v_cache, tables, max_blocks, lens, rows, n, \
-                                               kv_heads, block_size, scale, out, out_row_stride);
+    // HT: the most query heads of one KV head taken together (dividing the group, HT * NV <= 16)
+    const int64_t group = heads / kv_heads;
+#define TRILLM_AVX512(NV, HT)                                                                                  \
+    if (group % (HT) == 0)                                                                                     \
+        return decode_avx512<C, NV, HT>(q, q_row_stride, k_cache, v_cache, tables, max_blocks, lens, rows, n, heads, \
+                                        kv_heads, block_size, scale, out, out_row_stride);
     if (head_dim == 64) {
-        TRILLM_GROUPED(4, 1) TRILLM_GROUPED(4, 2) TRILLM_GROUPED(4, 3) TRILLM_GROUPED(4, 4)
+        TRILLM_AVX512(4, 4) TRILLM_AVX512(4, 3) TRILLM_AVX512(4, 2) TRILLM_AVX512(4, 1)
     }
     if (head_dim == 128) {
-        TRILLM_GROUPED(8, 1) TRILLM_GROUPED(8, 2)
+        TRILLM_AVX512(8, 2) TRILLM_AVX512(8, 1)
     }
-#undef TRILLM_GROUPED
-    if (head_dim == 64)
-        return decode_avx512<C, 4>(q, q_row_stride, k_cache, v_cache, tables, max_blocks, lens, rows, n, heads,
-                                   kv_heads, block_size, scale, out, out_row_stride);
-    if (head_dim == 128)
-        return decode_avx512<C, 8>(q, q_row_stride, k_cache, v_cache, tables, max_blocks, lens, rows, n, heads,
-                                   kv_heads, block_size, scale, out, out_row_stride);
+#undef TRILLM_AVX512
 #endif
     decode<C>(q, q_row_stride, k_cache, v_cache, tables, max_blocks, lens, rows, n, heads, kv_heads, head_dim,
               block_size, scale, out, out_row_stride);
