@@ -297,12 +297,15 @@ def run_vllm(python: Path, checkpoint: Path, dtypes: list[str], prompts: Prompts
 
 def run_llama(binary: Path, ggufs: list[Path], prompts: Prompts, workload: Workload, levels: list[int]) -> list[dict]:
     entries: list[dict] = []
+
+    def sweep(entry: dict, gguf: Path):
+        return lambda url: _measure(entry, lambda: _openai_sweep(url, gguf.name, prompts, workload, levels))
+
     for gguf in ggufs:
         kind = gguf.stem.rsplit(".", 1)[-1]  # <model>.<type>.gguf: f32, Q4_1, ...
         entry = {"name": f"llama.cpp server {kind} (OpenAI server)", "engine": "llama.cpp", "dtype": kind,
                  "protocol": "openai", "gguf": str(gguf)}
-        use = lambda url, entry=entry, gguf=gguf: _measure(entry, lambda: _openai_sweep(url, gguf.name, prompts, workload, levels))  # noqa: E731
-        _launch(entry, entries, llama_server(binary, gguf), use)
+        _launch(entry, entries, llama_server(binary, gguf), sweep(entry, gguf))
         if entry.get("error") and "exited with -11" in entry["error"]:
             # Seen on a Sapphire Rapids KVM guest: llama-server 0.3.36's build crashes loading the Q4_1
             # GGUF with its default weight repacking (the AMX/repacked buffers); without it, it runs.
@@ -310,9 +313,7 @@ def run_llama(binary: Path, ggufs: list[Path], prompts: Prompts, workload: Workl
             first_error = entry.pop("error")
             retry = {**entry, "name": f"llama.cpp server {kind}, --no-repack (OpenAI server)",
                      "flags": ["--no-repack"], "default_flags_error": first_error}
-            _launch(retry, entries, llama_server(binary, gguf, ("--no-repack",)),
-                    lambda url, entry=retry, gguf=gguf: _measure(entry, lambda: _openai_sweep(url, gguf.name, prompts,
-                                                                                              workload, levels)))
+            _launch(retry, entries, llama_server(binary, gguf, ("--no-repack",)), sweep(retry, gguf))
     return entries
 
 
