@@ -238,15 +238,17 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.005) -> boo
     return predicate()
 
 
-def build_generic(source_name: str, directory: Path) -> Path:
-    """One of the native sources built without AVX-512 (its portable paths), as on a CPU without it."""
+def build_generic(source_name: str, directory: Path, without: tuple[str, ...] = ("avx512f",)) -> Path:
+    """One of the native sources built without the instruction sets ``without`` (default AVX-512, so
+    its portable paths), as on a CPU without them."""
     import subprocess
 
     from trillm.engine import native
 
     source = next(p for p in native.SOURCES if p.name == source_name)
-    path = directory / f"lib{source.stem}_generic.so"
-    result = subprocess.run([native.compiler(), *native.FLAGS, *native.OPENMP_FLAGS, "-mno-avx512f", "-o", str(path),
-                             str(source)], capture_output=True, text=True, timeout=native.BUILD_TIMEOUT_S)
+    path = directory / f"lib{source.stem}_no_{'_'.join(without)}.so"
+    result = subprocess.run([native.compiler(), *native.FLAGS, *native.OPENMP_FLAGS, *(f"-mno-{isa}" for isa in without),
+                             "-o", str(path), str(source)], capture_output=True, text=True,
+                            timeout=native.BUILD_TIMEOUT_S)
     assert result.returncode == 0, result.stderr[-500:]
     return path

@@ -1,13 +1,17 @@
 """csrc/qmatmul.cpp: int4 and int8 weight-only matmuls with float32 activations, as built for this
-CPU and as its generic (no AVX-512) path; and quant.choose_kernel, which picks it or aten's."""
+CPU, as its AVX2 path (built without AVX-512, where the CPU has AVX2 and FMA) and as its generic
+path (neither); and quant.choose_kernel, which picks it or aten's."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from engine_helpers import build_generic
 from trillm.engine import native, quant
+from trillm.engine.cpu import cpuinfo_fields
 
 pytestmark = pytest.mark.engine
 
@@ -22,18 +26,32 @@ def built() -> native.QMatmul:
     return found
 
 
+# Each accumulator lane of a path adds K / (2 lanes) products (two accumulators), then a log2(lanes)-level tree.
+LANES = {"avx512": 16, "avx2": 8, "generic": 16}
+
+
 @pytest.fixture(scope="module")
 def generic(built, tmp_path_factory) -> native.QMatmul:
-    """The kernel built without AVX-512, as on a CPU without it."""
-    path = build_generic("qmatmul.cpp", tmp_path_factory.mktemp("generic"))
+    """The kernel built without AVX-512, AVX2 and FMA, as on a CPU without them."""
+    path = build_generic("qmatmul.cpp", tmp_path_factory.mktemp("generic"), without=("avx512f", "avx2", "fma"))
     kernel = native.QMatmul(path)
     assert kernel.isa == "generic"
     return kernel
 
 
-@pytest.fixture(scope="module", params=["as-built", "generic"])
+@pytest.fixture(scope="module")
+def avx2(built, tmp_path_factory) -> native.QMatmul:
+    """The kernel built without AVX-512: its AVX2 path where the CPU has AVX2 and FMA."""
+    if not {"avx2", "fma"} <= set(cpuinfo_fields()[1]):
+        pytest.skip("this CPU has no AVX2 and FMA")
+    kernel = native.QMatmul(build_generic("qmatmul.cpp", tmp_path_factory.mktemp("avx2")))
+    assert kernel.isa == "avx2"
+    return kernel
+
+
+@pytest.fixture(scope="module", params=["as-built", "avx2", "generic"])
 def kernel(request, built) -> native.QMatmul:
-    return built if request.param == "as-built" else request.getfixturevalue("generic")
+    return built if request.param == "as-built" else request.getfixturevalue(request.param)
 
 
 def _int4(out_features: int, in_features: int, group: int, seed: int):
@@ -71,9 +89,10 @@ def _run(kernel, mode, operands, group, x, bias, out_features):
 def test_equals_the_dequantized_reference(kernel, mode, group, rows):
     """Against x @ deq(W).T + b in float64. Per output element, float32 arithmetic: each dequantised
     weight is rounded once or twice (<= 2u of |(q - 8) scale| + |zero|; int8's weights are exact and
-    its scale multiplies the sum, one rounding), each product once, and each of the K / 32 block sums
-    a lane accumulates, the two accumulators' sum and the 4-level lane tree once each (plus the
-    bias). So |got - ref| <= (K / 32 + 9) u sum_k |x_k| parts_k + u |b|, times 1.01.
+    its scale multiplies the sum, one rounding), each product once, and each of the K / (2 lanes)
+    additions a lane accumulates (K / 32 with 16 lanes, K / 16 with AVX2's 8), the two accumulators'
+    sum and the log2(lanes)-level lane tree once each (plus the bias). So |got - ref| <=
+    (K / (2 lanes) + log2(lanes) + 5) u sum_k |x_k| parts_k + u |b|, times 1.01.
     A wrong nibble, scale, group or layout errs by the weights' own size, far past this."""
     out_features, in_features = 70, 256  # 70: column tiles of 4, 2 and 1, and a chunk boundary
     if mode == "int4":
@@ -86,7 +105,9 @@ def test_equals_the_dequantized_reference(kernel, mode, group, rows):
     bias = torch.randn(out_features, generator=generator)
     got = _run(kernel, mode, operands, group, x, bias, out_features).double()
     ref = x.double() @ deq.double().T + bias.double()
-    tol = 1.01 * ((in_features / 32 + 9) * FP32_U * (x.double().abs() @ parts.double().T)
+    lanes = LANES[kernel.isa]
+    depth = in_features / (2 * lanes) + math.log2(lanes) + 5
+    tol = 1.01 * (depth * FP32_U * (x.double().abs() @ parts.double().T)
                   + FP32_U * bias.double().abs())
     assert ((got - ref).abs() <= tol).all(), f"worst excess {((got - ref).abs() - tol).max().item():.3g}"
 
@@ -151,9 +172,10 @@ def test_auto_choice_follows_the_table_and_measure_times_both(built, monkeypatch
     monkeypatch.delenv("TRILLM_QUANT_KERNEL", raising=False)
     quant.choose_kernel.cache_clear()
     try:
-        int8, why8 = quant.choose_kernel("int8", 64, 128, 0)
-        assert (int8 == "native") == (built.isa == "avx512") and why8.startswith("table: ")
-        assert quant.choose_kernel("int4", 64, 128, 32)[0] == "aten"
+        for mode, group in (("int8", 0), ("int4", 32)):
+            expected = quant.KERNEL_TABLE.get((mode, built.isa), ("aten",))[0]
+            kernel, why = quant.choose_kernel(mode, 64, 128, group)
+            assert kernel == expected and why.startswith("table: ")
         monkeypatch.setenv("TRILLM_QUANT_KERNEL", "measure")
         quant.choose_kernel.cache_clear()
         kernel, why = quant.choose_kernel("int8", 64, 128, 0)

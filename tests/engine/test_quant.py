@@ -24,7 +24,8 @@ from trillm.engine.quant import (
 pytestmark = pytest.mark.engine
 
 # the native kernels' instruction set on this CPU, as their names carry it
-ISA = "avx512" if {"avx512f", "avx512bw"} <= set(cpuinfo_fields()[1]) else "generic"
+_FLAGS = set(cpuinfo_fields()[1])
+ISA = "avx512" if {"avx512f", "avx512bw"} <= _FLAGS else "avx2" if {"avx2", "fma"} <= _FLAGS else "generic"
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -9
 FP32_UNIT_ROUNDOFF = 2.0 ** -24

@@ -192,7 +192,7 @@ class QMatmul:
         lib.trillm_q8_matmul.argtypes = [vp, i64, i64, i64, vp, vp, i64, vp, vp, i64]
         for fn in (lib.trillm_q4_matmul, lib.trillm_q8_matmul, lib.trillm_qmatmul_isa):
             fn.restype = ctypes.c_int
-        self.isa = "avx512" if lib.trillm_qmatmul_isa() else "generic"
+        self.isa = {2: "avx512", 1: "avx2"}.get(lib.trillm_qmatmul_isa(), "generic")
         self._lib = lib
 
     def int4(self, x, packed, scale, zero, group: int, bias, y) -> None:

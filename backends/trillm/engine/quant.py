@@ -13,8 +13,8 @@ Formats (what torch's kernels take; ``q`` are the stored integers):
   its own integers: Q4_1 puts each block's min at 0 and max at 15, which is
   this grid.
 
-Two kernels for each format, chosen per matmul by a table measured on this
-project's Xeon (:func:`choose_kernel`; ``stats()["kernels"]["quant_kernels"]``
+Two kernels for each format, chosen per matmul by a table measured on the
+project's Xeon (AVX-512) and EPYC (AVX2) (:func:`choose_kernel`; ``stats()["kernels"]["quant_kernels"]``
 says which and why; ``TRILLM_QUANT_KERNEL=measure`` times both at load instead):
 
 - torch's (aten): they take bfloat16 activations and scales. Measured on
@@ -25,7 +25,8 @@ says which and why; ``TRILLM_QUANT_KERNEL=measure`` times both at load instead):
 - ours (``csrc/qmatmul.cpp``): float32 activations, the weights unpacked in
   registers; the result is the float32 matmul of the dequantised weights.
   Measured there at one row: int8 1.3-1.6x faster than aten's, int4 10-20%
-  slower (aten's uses AVX512-BF16 dot products).
+  slower (aten's uses AVX512-BF16 dot products). On the AVX2 EPYC, where
+  aten's bfloat16 is emulated, the AVX2 path is faster for both.
 
 The rest of the model (norms, attention, residuals, embedding) keeps the
 engine's dtype. Scales are chosen, then rounded to bfloat16, and only
@@ -239,11 +240,12 @@ def choose_kernel(mode: str, out_features: int, in_features: int, group_size: in
 
     ``TRILLM_QUANT_KERNEL`` = auto (default) | native | aten | measure.
 
-    auto follows a table measured on a Sapphire Rapids Xeon (docs/benchmarks.md
-    "Kernels, per matmul"): the native int8 kernel (AVX-512 build) is 1.3-1.6x
-    faster than aten's at one row, and aten's bfloat16 int4 kernel is 10-20%
-    faster than the native one. So int8 runs natively where the AVX-512 path
-    was built, and everything else on aten's. It is not timed at load, because
+    auto follows :data:`KERNEL_TABLE`, measured per ISA of the native build: on
+    a Sapphire Rapids Xeon the native int8 kernel (AVX-512) is 1.3-1.6x faster
+    than aten's at one row and aten's bfloat16 int4 kernel 10-20% faster than
+    the native one; on an AMD EPYC with AVX2 only, aten's kernels emulate
+    bfloat16 and the native AVX2 path wins both. The generic path (neither
+    ISA) is not measured faster, so it gets aten's. It is not timed at load, because
     the two kernels round differently. A choice that flips between loads of the
     same model on a busy machine would change a version's greedy text after a
     reload; this was seen in tests/versions with a timing probe.
@@ -267,11 +269,18 @@ def choose_kernel(mode: str, out_features: int, in_features: int, group_size: in
         return "aten", why
     if choice == "measure":
         return _measured(mode, out_features, in_features, group_size)
-    if mode == "int8" and kernel.isa == "avx512":
-        return "native", "table: native int8 (AVX-512) 1.3-1.6x aten's at one row on a Sapphire Rapids Xeon"
-    if mode == "int8":
-        return "aten", "table: the native int8 kernel's portable path is not measured faster than aten's"
-    return "aten", "table: aten's bfloat16 int4 kernel 10-20% faster than the native one at one row (Sapphire Rapids)"
+    return KERNEL_TABLE.get((mode, kernel.isa), ("aten", f"table: no measurement favours the native {mode} kernel's "
+                                                        f"{kernel.isa} path over aten's"))
+
+
+# (mode, native kernel's ISA) -> (kernel, why), measured at one row and 32 (docs/benchmarks.md "Quantised weights").
+KERNEL_TABLE = {
+    ("int8", "avx512"): ("native", "table: native int8 (AVX-512) 1.3-1.6x aten's at one row on a Sapphire Rapids Xeon"),
+    ("int4", "avx512"): ("aten", "table: aten's bfloat16 int4 kernel 10-20% faster than the native one at one row "
+                                 "(Sapphire Rapids)"),
+    ("int8", "avx2"): ("native", "table: native int8 (AVX2) ITL 6x shorter than aten's on an AMD EPYC (AVX2, no bf16)"),
+    ("int4", "avx2"): ("native", "table: native int4 (AVX2) faster than aten's at 1 and 32 rows on an AMD EPYC"),
+}
 
 
 def _measured(mode: str, out_features: int, in_features: int, group_size: int) -> tuple[str, str]:

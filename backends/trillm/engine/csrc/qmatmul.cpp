@@ -21,9 +21,13 @@
 // end the two are added lane-wise and the 16 lanes reduced. The AVX-512 path
 // runs tiles of up to 4 rows x 4 columns so that one dequantised block serves
 // several rows, but the tile shape never changes an element's operations.
-// The generic path (CPUs without AVX-512) does the same sums in plain loops the
-// compiler vectorises; its bits may differ from the AVX-512 path's (another
-// reduction tree, no fused multiply-add), never between rows of one call.
+// The AVX2 path (AVX2 and FMA, no AVX-512) has 8-lane accumulators: per block,
+// inputs 0-7 then 8-15 go to one, 16-23 then 24-31 to the other, blocks in
+// order; the two are added lane-wise and the 8 lanes reduced. Its tiles are up
+// to 4 rows x 1 column, or 1 row x 2 columns for a lone row. The generic path
+// (neither) does the AVX-512 path's sums in plain loops the compiler
+// vectorises. The paths' bits differ from each other (other reduction trees;
+// fused multiply-adds or not), never between rows of one call.
 //
 // Columns are shared among OpenMP threads in chunks (a chunk's weights stay in
 // cache while every row tile passes over them); the split never changes a result.
@@ -34,9 +38,15 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define TRILLM_Q_AVX512 1
+#define TRILLM_Q_AVX2 0
+#include <immintrin.h>
+#elif defined(__AVX2__) && defined(__FMA__)
+#define TRILLM_Q_AVX512 0
+#define TRILLM_Q_AVX2 1
 #include <immintrin.h>
 #else
 #define TRILLM_Q_AVX512 0
+#define TRILLM_Q_AVX2 0
 #endif
 
 namespace {
@@ -74,6 +84,21 @@ struct Int4 {
         hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(h)), s, z);
     }
 #endif
+#if TRILLM_Q_AVX2
+    // weights 0-7, 8-15, 16-23, 24-31 of block b of column n
+    void avx2(int64_t n, int64_t b, __m256 (&v)[4]) const {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * (K / 2) + b * 16));
+        const __m128i mask = _mm_set1_epi8(15), eight = _mm_set1_epi8(8);
+        const __m128i l = _mm_sub_epi8(_mm_and_si128(bytes, mask), eight);
+        const __m128i h = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask), eight);
+        const int64_t g = n * (K / BLOCK >> group_shift) + (b >> group_shift);
+        const __m256 s = _mm256_set1_ps(scale[g]), z = _mm256_set1_ps(zero[g]);
+        v[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(l)), s, z);
+        v[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(l, 8))), s, z);
+        v[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(h)), s, z);
+        v[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(h, 8))), s, z);
+    }
+#endif
 };
 
 struct Int8 {
@@ -94,6 +119,13 @@ struct Int8 {
         const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + n * K + b * BLOCK));
         lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
         hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+    }
+#endif
+#if TRILLM_Q_AVX2
+    void avx2(int64_t n, int64_t b, __m256 (&v)[4]) const {
+        const int8_t* q = w + n * K + b * BLOCK;
+        for (int i = 0; i < 4; ++i)
+            v[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * i))));
     }
 #endif
 };
@@ -139,6 +171,51 @@ void row_tile(const F& f, const float* x, int64_t x_stride, int64_t n_begin, int
 
 #endif
 
+#if TRILLM_Q_AVX2
+
+inline float reduce8(__m256 v) {  // lanes (0+4, 1+5, 2+6, 3+7), then pairs, then the last two
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+// Rows [0, MT) x columns [n0, n0 + NT) of the output; every element has the same operations.
+template <class F, int MT, int NT>
+void tile2(const F& f, const float* x, int64_t x_stride, int64_t n0, const float* bias, float* y, int64_t y_stride) {
+    __m256 a[MT][NT], c[MT][NT];
+    for (int m = 0; m < MT; ++m)
+        for (int j = 0; j < NT; ++j) a[m][j] = c[m][j] = _mm256_setzero_ps();
+    const int64_t blocks = f.K / BLOCK;
+    for (int64_t b = 0; b < blocks; ++b) {
+        __m256 v[NT][4];
+        for (int j = 0; j < NT; ++j) f.avx2(n0 + j, b, v[j]);
+        for (int m = 0; m < MT; ++m) {
+            const float* xr = x + m * x_stride + b * BLOCK;
+            const __m256 x0 = _mm256_loadu_ps(xr), x1 = _mm256_loadu_ps(xr + 8);
+            const __m256 x2 = _mm256_loadu_ps(xr + 16), x3 = _mm256_loadu_ps(xr + 24);
+            for (int j = 0; j < NT; ++j) {
+                a[m][j] = _mm256_fmadd_ps(v[j][1], x1, _mm256_fmadd_ps(v[j][0], x0, a[m][j]));
+                c[m][j] = _mm256_fmadd_ps(v[j][3], x3, _mm256_fmadd_ps(v[j][2], x2, c[m][j]));
+            }
+        }
+    }
+    for (int m = 0; m < MT; ++m)
+        for (int j = 0; j < NT; ++j)
+            y[m * y_stride + n0 + j] = with_bias(f.finish(n0 + j, reduce8(_mm256_add_ps(a[m][j], c[m][j]))), bias, n0 + j);
+}
+
+template <class F, int MT>
+void row_tile2(const F& f, const float* x, int64_t x_stride, int64_t n_begin, int64_t n_end, const float* bias,
+               float* y, int64_t y_stride) {
+    int64_t n = n_begin;
+    if (MT == 1)
+        for (; n + 2 <= n_end; n += 2) tile2<F, MT, 2>(f, x, x_stride, n, bias, y, y_stride);
+    for (; n < n_end; ++n) tile2<F, MT, 1>(f, x, x_stride, n, bias, y, y_stride);
+}
+
+#endif
+
 template <class F>
 float dot_generic(const F& f, const float* xr, int64_t n) {
     float a[16] = {}, c[16] = {}, lo[16], hi[16];
@@ -176,6 +253,17 @@ void matmul(const F& f, const float* x, int64_t x_stride, int64_t M, int64_t N, 
                 default: row_tile<F, 4>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
             }
         }
+#elif TRILLM_Q_AVX2
+        for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
+            const float* xm = x + m0 * x_stride;
+            float* ym = y + m0 * y_stride;
+            switch (M - m0 < ROW_TILE ? M - m0 : ROW_TILE) {
+                case 1: row_tile2<F, 1>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
+                case 2: row_tile2<F, 2>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
+                case 3: row_tile2<F, 3>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
+                default: row_tile2<F, 4>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
+            }
+        }
 #else
         for (int64_t n = n_begin; n < n_end; ++n)
             for (int64_t m = 0; m < M; ++m)
@@ -188,8 +276,8 @@ void matmul(const F& f, const float* x, int64_t x_stride, int64_t M, int64_t N, 
 
 extern "C" {
 
-// 1 when the AVX-512 path was compiled in, 0 for the generic one.
-int trillm_qmatmul_isa() { return TRILLM_Q_AVX512; }
+// 2 when the AVX-512 path was compiled in, 1 for the AVX2 one, 0 for the generic one.
+int trillm_qmatmul_isa() { return TRILLM_Q_AVX512 ? 2 : TRILLM_Q_AVX2 ? 1 : 0; }
 
 // Returns 0, or 1 for shapes the kernel does not take (K not a multiple of 32, group not 32/64/128 or
 // not dividing K). x [M][K] with rows x_stride floats apart; y [M][N] with rows y_stride apart; bias [N] or null.
