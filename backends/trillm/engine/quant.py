@@ -273,7 +273,7 @@ def choose_kernel(mode: str, out_features: int, in_features: int, group_size: in
                                                         f"{kernel.isa} path over aten's"))
 
 
-# (mode, native kernel's ISA) -> (kernel, why), measured at one row and 32 (docs/benchmarks.md "Quantised weights").
+# (mode, native kernel's ISA) -> (kernel, why), measured at one row and 32 (docs/benchmarks.md "Kernels, per matmul").
 KERNEL_TABLE = {
     ("int8", "avx512"): ("native", "table: native int8 (AVX-512) 1.3-1.6x aten's at one row on a Sapphire Rapids Xeon"),
     ("int4", "avx512"): ("aten", "table: aten's bfloat16 int4 kernel 10-20% faster than the native one at one row "

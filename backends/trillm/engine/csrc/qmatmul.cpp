@@ -181,8 +181,9 @@ inline float reduce8(__m256 v) {  // lanes (0+4, 1+5, 2+6, 3+7), then pairs, the
 }
 
 // Rows [0, MT) x columns [n0, n0 + NT) of the output; every element has the same operations.
+// (Named as the AVX-512 path's tile and row_tile: one of the two is compiled, matmul calls either.)
 template <class F, int MT, int NT>
-void tile2(const F& f, const float* x, int64_t x_stride, int64_t n0, const float* bias, float* y, int64_t y_stride) {
+void tile(const F& f, const float* x, int64_t x_stride, int64_t n0, const float* bias, float* y, int64_t y_stride) {
     __m256 a[MT][NT], c[MT][NT];
     for (int m = 0; m < MT; ++m)
         for (int j = 0; j < NT; ++j) a[m][j] = c[m][j] = _mm256_setzero_ps();
@@ -206,12 +207,12 @@ void tile2(const F& f, const float* x, int64_t x_stride, int64_t n0, const float
 }
 
 template <class F, int MT>
-void row_tile2(const F& f, const float* x, int64_t x_stride, int64_t n_begin, int64_t n_end, const float* bias,
-               float* y, int64_t y_stride) {
+void row_tile(const F& f, const float* x, int64_t x_stride, int64_t n_begin, int64_t n_end, const float* bias,
+              float* y, int64_t y_stride) {
     int64_t n = n_begin;
     if (MT == 1)
-        for (; n + 2 <= n_end; n += 2) tile2<F, MT, 2>(f, x, x_stride, n, bias, y, y_stride);
-    for (; n < n_end; ++n) tile2<F, MT, 1>(f, x, x_stride, n, bias, y, y_stride);
+        for (; n + 2 <= n_end; n += 2) tile<F, MT, 2>(f, x, x_stride, n, bias, y, y_stride);
+    for (; n < n_end; ++n) tile<F, MT, 1>(f, x, x_stride, n, bias, y, y_stride);
 }
 
 #endif
@@ -242,7 +243,7 @@ void matmul(const F& f, const float* x, int64_t x_stride, int64_t M, int64_t N, 
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
         const int64_t n_begin = chunk * COL_CHUNK;
         const int64_t n_end = n_begin + COL_CHUNK < N ? n_begin + COL_CHUNK : N;
-#if TRILLM_Q_AVX512
+#if TRILLM_Q_AVX512 || TRILLM_Q_AVX2
         for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
             const float* xm = x + m0 * x_stride;
             float* ym = y + m0 * y_stride;
@@ -251,17 +252,6 @@ void matmul(const F& f, const float* x, int64_t x_stride, int64_t M, int64_t N, 
                 case 2: row_tile<F, 2>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
                 case 3: row_tile<F, 3>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
                 default: row_tile<F, 4>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
-            }
-        }
-#elif TRILLM_Q_AVX2
-        for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
-            const float* xm = x + m0 * x_stride;
-            float* ym = y + m0 * y_stride;
-            switch (M - m0 < ROW_TILE ? M - m0 : ROW_TILE) {
-                case 1: row_tile2<F, 1>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
-                case 2: row_tile2<F, 2>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
-                case 3: row_tile2<F, 3>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
-                default: row_tile2<F, 4>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
             }
         }
 #else
