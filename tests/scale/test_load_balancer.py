@@ -133,6 +133,21 @@ def inference_count(server: TritonServer) -> int:
     return sum(int(n) for n in pattern.findall(text))
 
 
+def settled_counts(servers: list[TritonServer], before: list[int], expected: int,
+                   timeout: float = 15.0) -> list[int]:
+    """Each replica's requests served since `before`, read once their sum reaches
+    `expected` or `timeout` passes. Triton counts an ensemble request when it
+    releases it, which can be just after the client has its final response, so
+    a count read at once can miss the last request; a count above `expected`
+    is returned at once (nothing takes it back down)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        served = [inference_count(s) - b for s, b in zip(servers, before)]
+        if sum(served) >= expected or time.monotonic() > deadline:
+            return served
+        time.sleep(0.2)
+
+
 def passed_on(config: lb.BalancerConfig) -> int:
     """Requests in nginx's access log that tried more than one replica."""
     lines = Path(config.log_paths()[1]).read_text().splitlines()
@@ -182,7 +197,7 @@ def test_traffic_through_nginx_reaches_both_replicas(replicas, balancer):
             for kind in ("generate", "stream", "generate", "stream"):
                 assert _one_request(client, kind, 8)
                 sent += 1
-    served = [inference_count(s) - b for s, b in zip(replicas.servers, before)]
+    served = settled_counts(replicas.servers, before, sent)
     assert sum(served) == sent, f"replicas served {served} of {sent} requests sent through nginx"
     assert all(n > 0 for n in served), f"least_conn sent {served} requests to the two replicas"
 
