@@ -160,6 +160,34 @@ def test_probe_finds_a_kernel_that_rounds_lone_rows_differently():
     assert smallest_row_multiple([variants], 48) == 2
 
 
+def test_probe_checks_lone_rows_beyond_the_first():
+    """A kernel whose lone rows round differently only for some values (a bfloat16
+    result hides most of another summation order) is found although the probe's
+    first row agrees: small row counts are run on every window of its input."""
+    from trillm.engine import linear as linear_module
+    from trillm.engine.linear import Linear, row_variant_counts, smallest_row_multiple
+
+    first = torch.randn(1, 40, generator=torch.Generator().manual_seed(0))[0, 0]  # the probe's x[0, 0]
+
+    class SomeLoneRowsDiffer(Linear):
+        def __call__(self, x):
+            y = super().__call__(x)
+            if x.shape[0] == 1 and bool(x[0, 0] * first < 0):  # never the probe's first row
+                y = y + 1e-3
+            return y
+
+    generator = torch.Generator().manual_seed(2)
+    layer = SomeLoneRowsDiffer(torch.randn(24, 40, generator=generator))
+    key = (layer.shape_key, 48, torch.get_num_threads())
+    linear_module._probe_cache.pop(key, None)
+    try:
+        variants = row_variant_counts(layer, 48)
+    finally:
+        linear_module._probe_cache.pop(key, None)
+    assert variants == frozenset({1})
+    assert smallest_row_multiple([variants], 48) == 2
+
+
 def test_probe_stops_once_no_padding_can_work():
     """A matmul whose rows differ below 33 rows (oneDNN's bfloat16 AMX kernels) needs a
     padding beyond ROW_MULTIPLES: the probe stops at the first count that rules out the
