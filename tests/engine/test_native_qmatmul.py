@@ -152,7 +152,7 @@ def test_quant_linear_on_the_native_kernel_matches_aten_s(built):
         assert ours(x).dtype == torch.float32
 
 
-@pytest.mark.parametrize("choice", ["native", "aten"])
+@pytest.mark.parametrize("choice", ["native", "native-a8", "aten"])
 def test_kernel_choice_follows_the_environment(built, monkeypatch, choice):
     quant.choose_kernel.cache_clear()
     monkeypatch.setenv("TRILLM_QUANT_KERNEL", choice)
@@ -179,8 +179,160 @@ def test_auto_choice_follows_the_table_and_measure_times_both(built, monkeypatch
         monkeypatch.setenv("TRILLM_QUANT_KERNEL", "measure")
         quant.choose_kernel.cache_clear()
         kernel, why = quant.choose_kernel("int8", 64, 128, 0)
-        assert kernel in ("native", "aten") and why.startswith("measured at load (64x128, 1 row): native ")
+        assert kernel in ("native", "native-a8", "aten") and why.startswith("measured at load (64x128, 1 row): native ")
+        assert " vs native-a8 " in why and " vs aten " in why
         timings = dict(part.split(" ")[:2] for part in why.split(": ", 1)[1].split(" vs "))
         assert kernel == min(timings, key=lambda name: float(timings[name]))
     finally:
         quant.choose_kernel.cache_clear()
+
+
+# ---- csrc/qmatmul_a8.cpp: the same weights against activations rounded to int8 ----------------
+
+@pytest.fixture(scope="module")
+def built_a8() -> native.QMatmulA8:
+    found, why = native.load_qmatmul_a8()
+    if found is None:
+        pytest.skip(f"native kernels unavailable here ({why})")
+    return found
+
+
+@pytest.fixture(scope="module", params=["as-built", "avx2", "generic"])
+def a8(request, built_a8, tmp_path_factory) -> native.QMatmulA8:
+    """qmatmul_a8.cpp as built for this CPU, as its AVX2 path (built without AVX-512, where the CPU
+    has AVX2 and FMA) and as its portable path (without AVX-512, AVX2 and FMA)."""
+    if request.param == "as-built":
+        return built_a8
+    if request.param == "avx2" and not {"avx2", "fma"} <= set(cpuinfo_fields()[1]):
+        pytest.skip("this CPU has no AVX2 and FMA")
+    without = ("avx512f",) if request.param == "avx2" else ("avx512f", "avx2", "fma")
+    kernel = native.QMatmulA8(build_generic("qmatmul_a8.cpp", tmp_path_factory.mktemp(request.param), without))
+    assert kernel.isa == request.param
+    return kernel
+
+
+def _pair_order(in_features: int) -> torch.Tensor:
+    """Index of the input at each position of the pair layout (qmatmul_a8.cpp)."""
+    return quant.pack_pairs(torch.arange(in_features).reshape(1, -1))[0]
+
+
+def _a8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xq [M, K] in input order, dx [M, K / 32]) by qmatmul_a8.cpp's rule, in torch: per block
+    of 32, dx = max|x| / 127 and xq = round-half-even(x * (127 / max|x|))."""
+    rows, in_features = x.shape
+    blocks = x.reshape(rows, in_features // 32, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return torch.round(blocks * inverse).reshape(rows, in_features), (amax / 127).reshape(rows, -1)
+
+
+def _dequantized(xq: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    rows, in_features = xq.shape
+    return (xq.double().reshape(rows, -1, 32) * dx.double()[..., None]).reshape(rows, in_features)
+
+
+def test_a8_rounds_activations_by_its_rule(a8):
+    """The kernel's int8 activations are the reference rule's integers, in the pair layout, on
+    every path; within dx / 2 of x (plus dx's own float32 rounding); a block of zeros is zeros,
+    and a block holding NaN or inf gets a NaN scale, so that it reaches the output."""
+    x = torch.randn(3, 192, generator=torch.Generator().manual_seed(11)) * torch.logspace(-3, 2, 192)
+    x[1, 32:64] = 0.0
+    x[2, 64] = float("nan")
+    x[2, 130] = float("inf")
+    xq, dx = torch.empty(3, 192, dtype=torch.int8), torch.empty(3, 6)
+    a8.quantize(x, xq, dx)
+    finite = x.reshape(3, 6, 32).isfinite().all(-1)
+    ref_q, ref_dx = _a8_reference(torch.where(x.isfinite(), x, torch.zeros_like(x)))
+    positions = _pair_order(192)
+    got_q = torch.empty_like(xq)
+    got_q[:, positions] = xq  # back to input order
+    in_finite_blocks = finite.repeat_interleave(32, 1)
+    assert torch.equal(got_q.float()[in_finite_blocks], ref_q[in_finite_blocks])
+    assert (got_q[~in_finite_blocks] == 0).all()
+    assert torch.equal(dx[finite], ref_dx[finite]) and dx[~finite].isnan().all()
+    assert (got_q[1, 32:64] == 0).all() and dx[1, 1] == 0
+    error = (x.double() - _dequantized(got_q.float(), dx)).abs().reshape(3, 6, 32)[finite]
+    assert (error <= dx.double()[finite][:, None] * (0.5 + 2.0 ** -20)).all()
+
+
+@pytest.mark.parametrize(("mode", "group"), [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_a8_equals_the_reference_on_its_int8_activations(a8, mode, group, rows):
+    """Against deq(xq) @ deq(W).T + b in float64, xq by the reference rule. The integer sums are
+    exact; per block, float32 rounds the scale products, the block's two terms and their
+    accumulation (at most 5 roundings of terms bounded by sum_k |deq(xq)_k| parts_k), then at most
+    K / 32 additions and the lane tree: |got - ref| <= (K / 32 + 9) u sum |deq(xq)| parts + u |b|,
+    times 1.01. A wrong nibble, scale, group, layout or rounding rule errs far past this; the
+    documented price of int8 activations, against the float32 matmul, is sum |x - deq(xq)| |w|."""
+    out_features, in_features = 70, 256
+    if mode == "int4":
+        (packed, scale, zero), deq, parts = _int4(out_features, in_features, group, seed=rows)
+        operands = (packed, scale, zero)
+    else:
+        (q, scale), deq, parts = _int8(out_features, in_features, seed=rows)
+        operands = (quant.pack_pairs(q), scale)
+    generator = torch.Generator().manual_seed(200 + rows)
+    wide = torch.randn(rows, in_features + 24, generator=generator)
+    x = wide[:, 8:8 + in_features]
+    bias = torch.randn(out_features, generator=generator)
+    y = torch.full((rows, out_features), float("nan"))
+    if mode == "int4":
+        a8.int4(x, *operands, group, bias, y)
+    else:
+        a8.int8(x, *operands, bias, y)
+    xdeq = _dequantized(*_a8_reference(x))
+    ref = xdeq @ deq.double().T + bias.double()
+    tol = 1.01 * ((in_features / 32 + 9) * FP32_U * (xdeq.abs() @ parts.double().T) + FP32_U * bias.double().abs())
+    assert ((y.double() - ref).abs() <= tol).all(), f"worst excess {((y.double() - ref).abs() - tol).max().item():.3g}"
+    float_ref = x.double() @ deq.double().T + bias.double()
+    price = (x.double() - xdeq).abs() @ deq.double().abs().T
+    assert ((y.double() - float_ref).abs() <= 1.01 * price + tol).all()
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a8_rows_are_the_same_bits_whatever_shares_the_call(a8, mode):
+    out_features, in_features = 66, 192
+    if mode == "int4":
+        operands, _, _ = _int4(out_features, in_features, 32, seed=7)
+    else:
+        (q, scale), _, _ = _int8(out_features, in_features, seed=7)
+        operands = (quant.pack_pairs(q), scale)
+
+    def run(x):
+        y = torch.empty(x.shape[0], out_features)
+        a8.int4(x, *operands, 32, None, y) if mode == "int4" else a8.int8(x, *operands, None, y)
+        return y
+
+    x = torch.randn(11, in_features, generator=torch.Generator().manual_seed(8))
+    alone = torch.cat([run(x[i:i + 1]) for i in range(11)])
+    for rows in range(1, 12):
+        assert torch.equal(run(x[:rows]), alone[:rows]), rows
+
+
+def test_a8_refuses_inputs_not_in_pairs_of_blocks(built_a8):
+    with pytest.raises(ValueError, match="multiple of 64"):
+        built_a8.int8(torch.randn(1, 96), torch.zeros(4, 96, dtype=torch.int8), torch.ones(4), None, torch.empty(1, 4))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        built_a8.int4(torch.randn(1, 96), torch.zeros(4, 48, dtype=torch.uint8), torch.ones(4, 3), torch.ones(4, 3),
+                      32, None, torch.empty(1, 4))
+    w = torch.randn(16, 96)
+    with pytest.raises(ValueError, match="divisible by 64"):
+        quant.QuantLinear("int8", *quant.quantize_int8(w), None, torch.float32, 0, kernel="native-a8")
+
+
+def test_quant_linear_on_the_a8_kernel_is_within_its_rounding_of_the_float_one(built, built_a8):
+    """QuantLinear with kernel native-a8 (int8 weights re-laid in pairs, int4 as they are) against
+    the float-activation native kernel: apart by at most the int8 activations' price."""
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(4))
+    xdeq = _dequantized(*_a8_reference(x))
+    for mode, (q, scales) in (("int8", quant.quantize_int8(w)), ("int4", quant.quantize_int4(w, 32))):
+        group = 32 if mode == "int4" else 0
+        ours = quant.QuantLinear(mode, q, scales, None, torch.float32, group, kernel="native-a8")
+        exact = quant.QuantLinear(mode, q, scales, None, torch.float32, group, kernel="native")
+        assert ours.kernel.startswith(f"native-a8-{mode}-{built_a8.isa}") and ours.input_dtype == torch.float32
+        deq = quant.dequantize_int8(q, scales) if mode == "int8" else quant.dequantize_int4(q, scales, 32)
+        price = (x.double() - xdeq).abs() @ deq.double().abs().T
+        magnitude = x.double().abs() @ deq.double().abs().T
+        assert ((ours(x).double() - exact(x).double()).abs() <= 1.01 * price + 2.0 ** -16 * magnitude).all(), mode
+        assert (ours(x) != exact(x)).any(), mode  # it is a different kernel, not the float one again

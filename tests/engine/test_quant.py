@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import engine_helpers as H
-from trillm.engine import EngineConfig
+from trillm.engine import EngineConfig, quant
 from trillm.engine.checkpoint import LlamaSpec, load_tensors, read_config
 from trillm.engine.cpu import cpuinfo_fields
 from trillm.engine.quant import (
@@ -26,6 +26,11 @@ pytestmark = pytest.mark.engine
 # the native kernels' instruction set on this CPU, as their names carry it
 _FLAGS = set(cpuinfo_fields()[1])
 ISA = "avx512" if {"avx512f", "avx512bw"} <= _FLAGS else "avx2" if {"avx2", "fma"} <= _FLAGS else "generic"
+A8_ISA = ("avx512-vnni" if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= _FLAGS
+          else "avx2" if {"avx2", "fma"} <= _FLAGS else "generic")
+# Which kernel runs a matmul depends on the CPU (quant.choose_kernel), so any of these may.
+INT8_KERNELS = ("aten-int8pack-bf16", f"native-int8-{ISA}", f"native-a8-int8-{A8_ISA}")
+INT4_G32_KERNELS = ("aten-int4pack-bf16-g32", f"native-int4-{ISA}-g32", f"native-a8-int4-{A8_ISA}-g32")
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -9
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
@@ -188,12 +193,11 @@ def test_shapes_the_int4_kernel_cannot_take_are_named(tmp_path):
 def test_an_int4_model_has_an_int8_lm_head(small_llama):
     engine = H.make_engine(small_llama, quantization="int4", max_model_len=64, max_num_seqs=2)
     try:
-        # which kernel runs each depends on the CPU (quant.choose_kernel), so either may
         assert engine.model.lm_head.mode == "int8" and engine.model.layers[0].down.mode == "int4"
-        assert engine.model.lm_head.kernel in ("aten-int8pack-bf16", f"native-int8-{ISA}")
-        assert engine.model.layers[0].down.kernel in ("aten-int4pack-bf16-g32", f"native-int4-{ISA}-g32")
+        assert engine.model.lm_head.kernel in INT8_KERNELS
+        assert engine.model.layers[0].down.kernel in INT4_G32_KERNELS
         assert engine.kernels["lm_head_kernel"] == engine.model.lm_head.kernel
-        assert all(v.startswith(("native: ", "aten: ")) for v in engine.kernels["quant_kernels"].values())
+        assert all(v.startswith(("native: ", "native-a8: ", "aten: ")) for v in engine.kernels["quant_kernels"].values())
     finally:
         engine.shutdown()
 
@@ -231,20 +235,28 @@ def test_cache_round_trip(small_llama, quant_cache):
     assert len(list(quant_cache.iterdir())) == 2  # the key has the group size
 
 
+@pytest.mark.parametrize("kernel", ["auto", "native-a8"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_batch_invariance_is_as_the_engine_reports(small_llama, mode):
+def test_batch_invariance_is_as_the_engine_reports(small_llama, mode, kernel, monkeypatch):
     """The probe's claim, checked: when the engine says batch-invariant, a request's
     tokens and log-probs are bit for bit the same alone and batched; when it says
     not, some matmul has no row padding that makes it so."""
     # No prefix cache: the batched run would hit the alone runs' blocks and compute the
     # prompts' tails on their own, which rounds differently in a bfloat16 KV cache.
-    engine = H.make_engine(small_llama, quantization=mode, max_model_len=128, max_num_seqs=6,
-                           enable_prefix_caching=False)
+    # native-a8 (int8 activations) is what the table picks on AVX2 CPUs: run it on every CPU.
+    monkeypatch.setenv("TRILLM_QUANT_KERNEL", kernel)
+    quant.choose_kernel.cache_clear()
+    try:
+        engine = H.make_engine(small_llama, quantization=mode, max_model_len=128, max_num_seqs=6,
+                               enable_prefix_caching=False)
+    finally:
+        quant.choose_kernel.cache_clear()
     try:
         kernels = engine.kernels
         assert kernels["linear_kernel"] == engine.model.layers[0].qkv.kernel
-        assert kernels["linear_kernel"] in (("aten-int8pack-bf16", f"native-int8-{ISA}") if mode == "int8"
-                                            else ("aten-int4pack-bf16-g32", f"native-int4-{ISA}-g32"))
+        assert kernels["linear_kernel"] in (INT8_KERNELS if mode == "int8" else INT4_G32_KERNELS)
+        if kernel == "native-a8":
+            assert kernels["linear_kernel"].startswith(f"native-a8-{mode}-")
         assert engine.stats()["quantization"]["mode"] == mode
         if not kernels["batch_invariant"]:
             assert None in kernels["row_multiples"].values()

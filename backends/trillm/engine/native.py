@@ -1,9 +1,11 @@
 """The engine's native kernels (``csrc/``): built for this CPU on first use, loaded with ctypes.
 
-Three sources, one library: ``paged_decode.cpp`` (decode attention over the
+Four sources, one library: ``paged_decode.cpp`` (decode attention over the
 paged cache, :class:`PagedDecode`), ``fused.cpp`` (the row-wise work
-between a layer's matmuls, :class:`Fused`) and ``qmatmul.cpp`` (int4 and
-int8 weight-only matmuls with float32 activations, :class:`QMatmul`).
+between a layer's matmuls, :class:`Fused`), ``qmatmul.cpp`` (int4 and
+int8 weight-only matmuls with float32 activations, :class:`QMatmul`) and
+``qmatmul_a8.cpp`` (the same weights against activations rounded to int8,
+integer dot products, :class:`QMatmulA8`).
 
 Why native: decode attention is one small computation per sequence per
 layer (a query row against a few hundred keys), and torch pays several
@@ -39,7 +41,8 @@ from trillm.engine.cpu import cpuinfo_fields
 
 log = logging.getLogger("trillm.engine")
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("paged_decode.cpp", "fused.cpp", "qmatmul.cpp"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("paged_decode.cpp", "fused.cpp", "qmatmul.cpp", "qmatmul_a8.cpp"))
 HEADERS = (Path(__file__).with_name("csrc") / "numerics.h",)
 # -fno-trapping-math lets GCC if-convert the clamp in numerics.h's exp_f32 (a select, same values),
 # without which no loop that calls it vectorises: silu_mul ran 2-3x slower than torch's on AVX2.
@@ -214,6 +217,48 @@ class QMatmul:
             raise ValueError(f"trillm_q8_matmul: {k} inputs (needs a multiple of 32)")
 
 
+class QMatmulA8:
+    """``csrc/qmatmul_a8.cpp``: qmatmul.cpp's int4 and int8 weights against activations rounded to
+    int8 per block of 32 inputs (integer dot products: VNNI on AVX-512, vpmaddubsw on AVX2)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        lib = _library(path)
+        i64, vp = ctypes.c_int64, ctypes.c_void_p
+        lib.trillm_q4a8_matmul.argtypes = [vp, i64, i64, i64, vp, vp, vp, i64, i64, vp, vp, i64]
+        lib.trillm_q8a8_matmul.argtypes = [vp, i64, i64, i64, vp, vp, i64, vp, vp, i64]
+        lib.trillm_a8_quantize.argtypes = [vp, i64, i64, i64, vp, vp]
+        for fn in (lib.trillm_q4a8_matmul, lib.trillm_q8a8_matmul, lib.trillm_a8_quantize, lib.trillm_qmatmul_a8_isa):
+            fn.restype = ctypes.c_int
+        self.isa = {2: "avx512-vnni", 1: "avx2"}.get(lib.trillm_qmatmul_a8_isa(), "generic")
+        self._lib = lib
+
+    def quantize(self, x, xq, dx) -> None:
+        """x [M, K] float32 -> xq int8 [M, K] (the pair layout) and dx float32 [M, K / 32], as the matmuls do."""
+        rows, k = x.shape
+        if self._lib.trillm_a8_quantize(x.data_ptr(), x.stride(0), rows, k, xq.data_ptr(), dx.data_ptr()) != 0:
+            raise ValueError(f"trillm_a8_quantize: {k} inputs (needs a multiple of 64)")
+
+    def int4(self, x, packed, scale, zero, group: int, bias, y) -> None:
+        """As :meth:`QMatmul.int4`, x rounded to int8 per block of 32 inputs."""
+        rows, k = x.shape
+        rc = self._lib.trillm_q4a8_matmul(x.data_ptr(), x.stride(0), rows, k, packed.data_ptr(), scale.data_ptr(),
+                                          zero.data_ptr(), group, packed.shape[0],
+                                          None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0))
+        if rc != 0:
+            raise ValueError(f"trillm_q4a8_matmul: {k} inputs with group {group} (needs a multiple of 64 and "
+                             f"group 32/64/128)")
+
+    def int8(self, x, q_pairs, scale, bias, y) -> None:
+        """As :meth:`QMatmul.int8` with ``q_pairs`` in the pair layout (quant.pack_pairs), x rounded to int8."""
+        rows, k = x.shape
+        rc = self._lib.trillm_q8a8_matmul(x.data_ptr(), x.stride(0), rows, k, q_pairs.data_ptr(), scale.data_ptr(),
+                                          q_pairs.shape[0], None if bias is None else bias.data_ptr(), y.data_ptr(),
+                                          y.stride(0))
+        if rc != 0:
+            raise ValueError(f"trillm_q8a8_matmul: {k} inputs (needs a multiple of 64)")
+
+
 @cache
 def library() -> tuple[Path | None, str]:
     """(the built library, "") or (None, why not). Built at most once per process."""
@@ -253,6 +298,12 @@ def load_fused() -> tuple[Fused | None, str]:
 def load_qmatmul() -> tuple[QMatmul | None, str]:
     """(the quantised matmuls, "") or (None, why not)."""
     return _bind(QMatmul)
+
+
+@cache
+def load_qmatmul_a8() -> tuple[QMatmulA8 | None, str]:
+    """(the quantised matmuls with int8 activations, "") or (None, why not)."""
+    return _bind(QMatmulA8)
 
 
 def main() -> int:

@@ -13,9 +13,10 @@ Formats (what torch's kernels take; ``q`` are the stored integers):
   its own integers: Q4_1 puts each block's min at 0 and max at 15, which is
   this grid.
 
-Two kernels for each format, chosen per matmul by a table measured on the
-project's Xeon (AVX-512) and EPYC (AVX2) (:func:`choose_kernel`; ``stats()["kernels"]["quant_kernels"]``
-says which and why; ``TRILLM_QUANT_KERNEL=measure`` times both at load instead):
+Three kernels for each format, chosen per matmul by a table measured on the
+project's Xeon (AVX-512), EPYCs (AVX2; Zen 5 with AVX-512) (:func:`choose_kernel`;
+``stats()["kernels"]["quant_kernels"]`` says which and why; ``TRILLM_QUANT_KERNEL=measure``
+times them at load instead):
 
 - torch's (aten): they take bfloat16 activations and scales. Measured on
   torch 2.13 (Xeon with AMX, 2 threads), their float32 paths run 10-300x
@@ -27,6 +28,12 @@ says which and why; ``TRILLM_QUANT_KERNEL=measure`` times both at load instead):
   Measured there at one row: int8 1.3-1.6x faster than aten's, int4 10-20%
   slower (aten's uses AVX512-BF16 dot products). On the AVX2 EPYC, where
   aten's bfloat16 is emulated, the AVX2 path is faster for both.
+- ours with int8 activations (``csrc/qmatmul_a8.cpp``, "native-a8"): each
+  row of x rounded to int8 per block of 32 inputs (scale max|x| / 127, as
+  llama.cpp's Q8_1), then integer dot products with the same weights. It
+  reads the same weight bytes with about half the instructions; the price is
+  x's rounding (``<= max|x| / 254`` per input of a block). Chosen where
+  unpacking, not memory, binds (the AVX2 rows of :data:`KERNEL_TABLE`).
 
 The rest of the model (norms, attention, residuals, embedding) keeps the
 engine's dtype. Scales are chosen, then rounded to bfloat16, and only
@@ -148,13 +155,16 @@ class QuantLinear:
         self.dtype = dtype
         self.bias = bias
         self.native = native_kernel(kernel, self.in_features)
+        self.a8 = kernel == "native-a8"
         if self.native is not None:
-            # csrc/qmatmul.cpp: float32 activations, weights unpacked in registers
+            # csrc/qmatmul.cpp: float32 activations, weights unpacked in registers;
+            # csrc/qmatmul_a8.cpp: activations rounded to int8 in the kernel, integer dot products
             self.kernel_dtype = torch.float32
             if bias is not None:
                 self.bias = bias.float()
             if mode == "int8":
-                self.weight, self.scales = q.contiguous(), scales.float().contiguous()
+                self.weight = pack_pairs(q) if self.a8 else q.contiguous()
+                self.scales = scales.float().contiguous()
                 self.zeros = None
             else:
                 self.weight = pack_blocks(q)
@@ -176,7 +186,8 @@ class QuantLinear:
     @property
     def kernel(self) -> str:
         if self.native is not None:
-            return f"native-{self.mode}-{self.native.isa}" + (f"-g{self.group_size}" if self.mode == "int4" else "")
+            return (f"native-{'a8-' if self.a8 else ''}{self.mode}-{self.native.isa}"
+                    + (f"-g{self.group_size}" if self.mode == "int4" else ""))
         return "aten-int8pack-bf16" if self.mode == "int8" else f"aten-int4pack-bf16-g{self.group_size}"
 
     @property
@@ -216,21 +227,35 @@ def pack_blocks(q: torch.Tensor) -> torch.Tensor:
     return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(out_features, in_features // 2).contiguous()
 
 
+def pack_pairs(q: torch.Tensor) -> torch.Tensor:
+    """int8 [out, in] -> csrc/qmatmul_a8.cpp's pair layout: per 64 inputs (blocks b0, b1),
+    [b0 0-15 | b1 0-15 | b0 16-31 | b1 16-31], the order its int4 unpacking gives."""
+    out_features, in_features = q.shape
+    pairs = q.reshape(out_features, in_features // 64, 2, 2, 16)  # [pair, block, half, 16]
+    return pairs.transpose(2, 3).reshape(out_features, in_features).contiguous()
+
+
+# What each native kernel needs of in_features (the a8 kernels work on pairs of 32-input blocks).
+NATIVE_MULTIPLES = {"native": 32, "native-a8": 64}
+
+
 def native_kernel(choice: str, in_features: int):
-    """csrc/qmatmul.cpp's kernels for ``choice`` "native" (ValueError when they cannot run), else None."""
-    if choice != "native":
+    """The kernels for ``choice`` "native" (csrc/qmatmul.cpp) or "native-a8" (csrc/qmatmul_a8.cpp);
+    ValueError when they cannot run; None for "aten"."""
+    if choice not in NATIVE_MULTIPLES:
         return None
-    if in_features % 32:
-        raise ValueError(f"the native quantised matmul needs in_features divisible by 32, not {in_features}")
+    multiple = NATIVE_MULTIPLES[choice]
+    if in_features % multiple:
+        raise ValueError(f"the {choice} quantised matmul needs in_features divisible by {multiple}, not {in_features}")
     from trillm.engine import native  # not at import: the build runs on first use
 
-    kernel, why = native.load_qmatmul()
+    kernel, why = native.load_qmatmul_a8() if choice == "native-a8" else native.load_qmatmul()
     if kernel is None:
-        raise ValueError(f"the native quantised matmul is unavailable ({why})")
+        raise ValueError(f"the {choice} quantised matmul is unavailable ({why})")
     return kernel
 
 
-KERNEL_CHOICES = ("auto", "native", "aten", "measure")
+KERNEL_CHOICES = ("auto", "native", "native-a8", "aten", "measure")
 PROBE_ROWS = 1  # what "measure" times: one decoding row, the case quantisation is for
 
 
@@ -258,7 +283,7 @@ def choose_kernel(mode: str, out_features: int, in_features: int, group_size: in
     choice = os.environ.get("TRILLM_QUANT_KERNEL", "auto")
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"TRILLM_QUANT_KERNEL: {choice!r} is not one of {', '.join(KERNEL_CHOICES)}")
-    if choice in ("native", "aten"):
+    if choice in ("native", "native-a8", "aten"):
         return choice, f"TRILLM_QUANT_KERNEL={choice}"
     if in_features % 32:
         return "aten", f"native kernels need in_features divisible by 32 ({in_features})"
@@ -269,8 +294,11 @@ def choose_kernel(mode: str, out_features: int, in_features: int, group_size: in
         return "aten", why
     if choice == "measure":
         return _measured(mode, out_features, in_features, group_size)
-    return KERNEL_TABLE.get((mode, kernel.isa), ("aten", f"table: no measurement favours the native {mode} kernel's "
-                                                        f"{kernel.isa} path over aten's"))
+    chosen, why = KERNEL_TABLE.get((mode, kernel.isa), ("aten", f"table: no measurement favours the native {mode} "
+                                                                f"kernel's {kernel.isa} path over aten's"))
+    if chosen == "native-a8" and in_features % NATIVE_MULTIPLES["native-a8"]:
+        return "native", f"{why}; but native-a8 needs in_features divisible by 64 ({in_features})"
+    return chosen, why
 
 
 # (mode, native kernel's ISA) -> (kernel, why), measured at one row and 32 (docs/benchmarks.md "Kernels, per matmul").
@@ -278,8 +306,13 @@ KERNEL_TABLE = {
     ("int8", "avx512"): ("native", "table: native int8 (AVX-512) 1.3-1.6x aten's at one row on a Sapphire Rapids Xeon"),
     ("int4", "avx512"): ("aten", "table: aten's bfloat16 int4 kernel 10-20% faster than the native one at one row "
                                  "(Sapphire Rapids)"),
-    ("int8", "avx2"): ("native", "table: native int8 (AVX2) ITL 6x shorter than aten's on an AMD EPYC (AVX2, no bf16)"),
-    ("int4", "avx2"): ("native", "table: native int4 (AVX2) faster than aten's at 1 and 32 rows on an AMD EPYC"),
+    # The AVX2 rows: native beat aten's (bfloat16 emulated) on an AVX2-only AMD EPYC, 1.3-6x; the a8 kernel's
+    # AVX2 path then beat the native one at one row 1.4-1.7x, measured as AVX2 code on a Zen 5 EPYC
+    # (-mno-avx512f builds; docs/benchmarks.md "int8 activations"), not yet on an AVX2-only CPU.
+    ("int8", "avx2"): ("native-a8", "table: a8 int8 (AVX2) 1.4-1.7x native's at one row, 1.3-1.4x at 32 (AVX2 code "
+                                    "on an AMD EPYC Zen 5); native 6x aten's on an AVX2-only EPYC"),
+    ("int4", "avx2"): ("native-a8", "table: a8 int4 (AVX2) 1.4-1.7x native's at one row, 0.87-0.97x at 32 (AVX2 "
+                                    "code on an AMD EPYC Zen 5); native faster than aten's on an AVX2-only EPYC"),
 }
 
 
@@ -290,14 +323,15 @@ def _measured(mode: str, out_features: int, in_features: int, group_size: int) -
     weight = torch.randn(out_features, in_features, generator=generator) * 0.05
     q, scales = quantize_int8(weight) if mode == "int8" else quantize_int4(weight, group_size)
     x = torch.randn(PROBE_ROWS, in_features, generator=generator)
-    candidates = {name: QuantLinear(mode, q, scales, None, torch.float32, group_size, kernel=name)
-                  for name in ("native", "aten")}
+    names = [name for name in ("native", "native-a8", "aten")
+             if in_features % NATIVE_MULTIPLES.get(name, 1) == 0]
+    candidates = {name: QuantLinear(mode, q, scales, None, torch.float32, group_size, kernel=name) for name in names}
     calls = max(1, int(2e6 // (out_features * in_features)))
     with torch.inference_mode():
         ms = best_cpu_ms({name: (lambda linear=linear: linear(x)) for name, linear in candidates.items()}, calls)
     best = min(ms, key=ms.get)
     return best, (f"measured at load ({out_features}x{in_features}, {PROBE_ROWS} row): "
-                  f"native {ms['native']:.3f} ms vs aten {ms['aten']:.3f} ms")
+                  + " vs ".join(f"{name} {ms[name]:.3f} ms" for name in names))
 
 
 # ---- building a model's linears, with the cache ------------------------------------------------
