@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.trillm-installed
 PYTEST_ARGS ?=
 
-.PHONY: help install native demo-model smollm2 serve test test-unit test-engine test-server test-scale bench bench-quality bench-quant clean
+.PHONY: help install native demo-model smollm2 serve test test-unit test-engine test-server test-scale bench bench-quality bench-quant bench-qmatmul clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -65,6 +65,9 @@ bench-quality: smollm2 ## perplexity and greedy agreement with fp32 of fp32/bf16
 
 bench-quant: smollm2 ## batch-1 ITL, share of the weight-bytes roofline and resident memory per quantisation mode (benchmarks/results/quant-*.json)
 	$(PY) -m benchmarks.quant --checkpoint $(SMOLLM2)
+
+bench-qmatmul: $(STAMP) native ## per-matmul times of the int8/int4 kernels (aten, native, native-a8; their AVX2 builds too) on SmolLM2's shapes (benchmarks/results/qmatmul-*.json)
+	$(PY) -m benchmarks.qmatmul --avx2
 
 clean: ## remove build outputs (keeps .venv)
 	rm -rf build .pytest_cache

@@ -307,11 +307,12 @@ KERNEL_TABLE = {
     ("int4", "avx512"): ("aten", "table: aten's bfloat16 int4 kernel 10-20% faster than the native one at one row "
                                  "(Sapphire Rapids)"),
     # The AVX2 rows: native beat aten's (bfloat16 emulated) on an AVX2-only AMD EPYC, 1.3-6x; the a8 kernel's
-    # AVX2 path then beat the native one at one row 1.4-1.7x, measured as AVX2 code on a Zen 5 EPYC
-    # (-mno-avx512f builds; docs/benchmarks.md "int8 activations"), not yet on an AVX2-only CPU.
-    ("int8", "avx2"): ("native-a8", "table: a8 int8 (AVX2) 1.4-1.7x native's at one row, 1.3-1.4x at 32 (AVX2 code "
+    # AVX2 path then beat the native one at one row 1.2-1.5x, measured as AVX2 code on a Zen 5 EPYC
+    # (make bench-qmatmul's -mno-avx512f builds; docs/benchmarks.md "Kernels, per matmul"), not yet on an
+    # AVX2-only CPU. Batch-1 decoding is what quantisation is for, so int4 takes a8 despite 0.8-1.0x at 32 rows.
+    ("int8", "avx2"): ("native-a8", "table: a8 int8 (AVX2) 1.2-1.4x native's at one row, 1.2-1.4x at 32 (AVX2 code "
                                     "on an AMD EPYC Zen 5); native 6x aten's on an AVX2-only EPYC"),
-    ("int4", "avx2"): ("native-a8", "table: a8 int4 (AVX2) 1.4-1.7x native's at one row, 0.87-0.97x at 32 (AVX2 "
+    ("int4", "avx2"): ("native-a8", "table: a8 int4 (AVX2) 1.3-1.5x native's at one row, 0.8-1.0x at 32 (AVX2 "
                                     "code on an AMD EPYC Zen 5); native faster than aten's on an AVX2-only EPYC"),
 }
 
