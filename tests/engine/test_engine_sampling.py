@@ -97,6 +97,31 @@ def test_bad_values_fail_their_row_only():
     assert results[2][0] == int(logits[2].argmax())
 
 
+def test_greedy_rows_with_bans_are_decided_alike_alone_and_together():
+    """Greedy rows with banned tokens (min_tokens, bad words) are decided with the plain greedy
+    rows, and each gets what process_logits and argmax give it alone, the same bits alone as
+    among others (penalised and sampled rows beside it); an out-of-range ban fails its row only."""
+    logits = torch.randn(5, 100, generator=torch.Generator().manual_seed(3))
+    top = [int(row.argmax()) for row in logits]
+    seqs = [
+        _seq([1], end_id=top[0], min_tokens=4),  # its best token is the end id, banned before min_tokens
+        _seq([1], output=[7], bad_token_seqs=[[7, top[1]]]),  # bad word completed by its best token
+        _seq([1]),
+        _seq([1], repetition_penalty=1.3),
+        _seq([1], temperature=0.7, seed=5),
+    ]
+    together = sample(logits, seqs)
+    for i in (0, 1, 2):
+        expected = process_logits(logits[i], seqs[i])
+        token, log_prob = together[i]
+        assert token == int(expected.argmax()), i
+        assert log_prob == pytest.approx(torch.log_softmax(expected, -1)[token].item(), abs=1e-6)
+        assert sample(logits[i:i + 1], [seqs[i]])[0] == together[i], i
+    assert together[0][0] != top[0] and together[1][0] != top[1] and together[2][0] == top[2]
+    bad = sample(logits[:2], [_seq([1], bad_token_seqs=[[1000]]), _seq([1])])
+    assert isinstance(bad[0], Exception) and bad[1][0] == top[1]
+
+
 # ---- in the engine -------------------------------------------------------------------------
 
 

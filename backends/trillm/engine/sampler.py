@@ -7,7 +7,8 @@ for sampling: temperature, top-k, top-p, and a draw from the request's own
 ``torch.Generator``. A row's result depends only on its logits and its
 sequence, never on the other rows, so seeded sampling repeats exactly.
 
-Rows with plain greedy decoding (the common case) are handled together.
+Greedy rows whose only processing is banned tokens (plain greedy decoding, and
+min_tokens) are handled together.
 """
 
 from __future__ import annotations
@@ -21,16 +22,11 @@ class SamplingError(Exception):
     """A request's logits or parameters made sampling impossible."""
 
 
-def _needs_processing(seq: Sequence) -> bool:
+def _greedy_with_bans_at_most(seq: Sequence) -> bool:
+    """Greedy, and nothing to apply to its logits but banned tokens (bad sequences, end ids
+    before min_tokens): such rows are decided together (:func:`sample`)."""
     p = seq.params
-    return (
-        not p.greedy
-        or p.repetition_penalty != 1.0
-        or p.presence_penalty != 0.0
-        or p.frequency_penalty != 0.0
-        or bool(p.bad_token_seqs)
-        or (bool(p.end_ids) and seq.num_output_tokens < p.min_tokens)
-    )
+    return p.greedy and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0 and p.frequency_penalty == 0.0
 
 
 def banned_tokens(seq: Sequence) -> list[int]:
@@ -93,24 +89,37 @@ def sample_one(logits: torch.Tensor, seq: Sequence) -> tuple[int, float]:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, float] | Exception]:
-    """The next token and its log-probability for each row, or the exception that row raised."""
+    """The next token and its log-probability for each row, or the exception that row raised.
+
+    Greedy rows whose only processing is banned tokens (the common case, and every row of
+    a request with ``min_tokens``) are decided together: their rows copied, the banned
+    entries set to -inf, one argmax and one log-softmax for all. A row alone takes the same
+    path as a row among others, so its result does not depend on the batch.
+    """
     results: list[tuple[int, float] | Exception | None] = [None] * len(seqs)
     finite = torch.isfinite(logits).any(-1) & ~torch.isnan(logits).any(-1)
-    plain = []
+    vocab = logits.shape[-1]
+    together, banned_rows, banned_ids = [], [], []
     for i, seq in enumerate(seqs):
         if not finite[i]:
             results[i] = SamplingError("the model produced NaN or no finite logits")
-        elif _needs_processing(seq):
-            try:
-                results[i] = sample_one(logits[i], seq)
-            except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
-                results[i] = e
-        else:
-            plain.append(i)
-    if plain:
-        rows = logits[torch.tensor(plain)]
+            continue
+        banned = banned_tokens(seq) if _greedy_with_bans_at_most(seq) else None
+        if banned is not None and all(0 <= t < vocab for t in banned):
+            banned_rows.extend([len(together)] * len(banned))
+            banned_ids.extend(banned)
+            together.append(i)
+            continue
+        try:  # out-of-range bans raise here, for this request alone
+            results[i] = sample_one(logits[i], seq)
+        except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+            results[i] = e
+    if together:
+        rows = logits[torch.tensor(together)]  # a copy
+        if banned_rows:
+            rows[torch.tensor(banned_rows), torch.tensor(banned_ids)] = float("-inf")
         tokens = rows.argmax(-1)
         log_probs = torch.log_softmax(rows, -1).gather(1, tokens[:, None])[:, 0]
-        for i, token, log_prob in zip(plain, tokens.tolist(), log_probs.tolist()):
+        for i, token, log_prob in zip(together, tokens.tolist(), log_probs.tolist()):
             results[i] = (token, log_prob)
     return results  # type: ignore[return-value]
