@@ -43,7 +43,7 @@ log = logging.getLogger("trillm.engine")
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
                 for name in ("paged_decode.cpp", "fused.cpp", "qmatmul.cpp", "qmatmul_a8.cpp"))
-HEADERS = (Path(__file__).with_name("csrc") / "numerics.h",)
+HEADERS = tuple(Path(__file__).with_name("csrc") / name for name in ("numerics.h", "qmatmul_common.h"))
 # -fno-trapping-math lets GCC if-convert the clamp in numerics.h's exp_f32 (a select, same values),
 # without which no loop that calls it vectorises: silu_mul ran 2-3x slower than torch's on AVX2.
 # It allows no value-changing rewrite (no reassociation, no contraction): results are the same bits.

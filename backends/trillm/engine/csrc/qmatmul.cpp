@@ -36,6 +36,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "qmatmul_common.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define TRILLM_Q_AVX512 1
 #define TRILLM_Q_AVX2 0
@@ -51,9 +53,7 @@
 
 namespace {
 
-constexpr int64_t BLOCK = 32;
-constexpr int64_t COL_CHUNK = 32;  // columns per thread work item
-constexpr int64_t ROW_TILE = 4;
+using namespace trillm::qmatmul;
 
 struct Int4 {
     const uint8_t* w;  // [N][K / 2]
@@ -130,8 +130,6 @@ struct Int8 {
 #endif
 };
 
-inline float with_bias(float v, const float* bias, int64_t n) { return bias ? v + bias[n] : v; }
-
 #if TRILLM_Q_AVX512
 
 // Rows [0, MT) x columns [n0, n0 + NT) of the output.
@@ -172,13 +170,6 @@ void row_tile(const F& f, const float* x, int64_t x_stride, int64_t n_begin, int
 #endif
 
 #if TRILLM_Q_AVX2
-
-inline float reduce8(__m256 v) {  // lanes (0+4, 1+5, 2+6, 3+7), then pairs, then the last two
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
-}
 
 // Rows [0, MT) x columns [n0, n0 + NT) of the output; every element has the same operations.
 // (Named as the AVX-512 path's tile and row_tile: one of the two is compiled, matmul calls either.)
@@ -238,28 +229,18 @@ float dot_generic(const F& f, const float* xr, int64_t n) {
 template <class F>
 void matmul(const F& f, const float* x, int64_t x_stride, int64_t M, int64_t N, const float* bias, float* y,
             int64_t y_stride) {
-    const int64_t chunks = (N + COL_CHUNK - 1) / COL_CHUNK;
-#pragma omp parallel for schedule(static) if (chunks > 1)
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        const int64_t n_begin = chunk * COL_CHUNK;
-        const int64_t n_end = n_begin + COL_CHUNK < N ? n_begin + COL_CHUNK : N;
+    for_column_chunks(N, [&](int64_t n_begin, int64_t n_end) {
 #if TRILLM_Q_AVX512 || TRILLM_Q_AVX2
-        for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
-            const float* xm = x + m0 * x_stride;
-            float* ym = y + m0 * y_stride;
-            switch (M - m0 < ROW_TILE ? M - m0 : ROW_TILE) {
-                case 1: row_tile<F, 1>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
-                case 2: row_tile<F, 2>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
-                case 3: row_tile<F, 3>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
-                default: row_tile<F, 4>(f, xm, x_stride, n_begin, n_end, bias, ym, y_stride); break;
-            }
-        }
+        for_row_tiles(M, [&](auto rows, int64_t m0) {
+            row_tile<F, decltype(rows)::value>(f, x + m0 * x_stride, x_stride, n_begin, n_end, bias, y + m0 * y_stride,
+                                               y_stride);
+        });
 #else
         for (int64_t n = n_begin; n < n_end; ++n)
             for (int64_t m = 0; m < M; ++m)
                 y[m * y_stride + n] = with_bias(dot_generic(f, x + m * x_stride, n), bias, n);
 #endif
-    }
+    });
 }
 
 }  // namespace
@@ -273,7 +254,7 @@ int trillm_qmatmul_isa() { return TRILLM_Q_AVX512 ? 2 : TRILLM_Q_AVX2 ? 1 : 0; }
 // not dividing K). x [M][K] with rows x_stride floats apart; y [M][N] with rows y_stride apart; bias [N] or null.
 int trillm_q4_matmul(const float* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w, const float* scale,
                      const float* zero, int64_t group, int64_t N, const float* bias, float* y, int64_t y_stride) {
-    const int64_t shift = group == 32 ? 0 : group == 64 ? 1 : group == 128 ? 2 : -1;
+    const int64_t shift = group_shift(group);
     if (shift < 0 || K % group != 0) return 1;
     matmul(Int4{w, scale, zero, K, shift}, x, x_stride, M, N, bias, y, y_stride);
     return 0;

@@ -38,6 +38,8 @@
 #include <cstring>
 #include <vector>
 
+#include "qmatmul_common.h"
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define TRILLM_A8_AVX512 1
 #define TRILLM_A8_AVX2 0
@@ -53,11 +55,10 @@
 
 namespace {
 
-constexpr int64_t BLOCK = 32;
+using namespace trillm::qmatmul;
+
 constexpr int64_t PAIR = 64;
 constexpr int64_t LANES = 16;  // 32-bit lanes of a pair
-constexpr int64_t COL_CHUNK = 32;
-constexpr int64_t ROW_TILE = 4;
 
 // Position in the pair layout of input i (0-63) of a pair.
 inline int64_t pair_pos(int64_t i) {
@@ -184,8 +185,6 @@ struct Int8 {
     float finish(int64_t n, float v) const { return v * scale[n]; }
 };
 
-inline float with_bias(float v, const float* bias, int64_t n) { return bias ? v + bias[n] : v; }
-
 template <class F>
 float dot_generic(const F& f, const Acts& a, int64_t m, int64_t n) {
     float acc = 0.0f;
@@ -276,14 +275,7 @@ void tile8(const Int8& f, const Acts& a, int64_t m0, int64_t n0, const float* bi
 
 // The AVX2 path does a pair as two 256-bit halves: [b0 0-15 | b1 0-15] and [b0 16-31 | b1 16-31];
 // lanes 0-3 of a half are b0's, 4-7 b1's. Per element: two 8-lane accumulators (one per half),
-// added lane-wise at the end, then reduced as qmatmul.cpp's reduce8.
-
-inline float reduce8(__m256 v) {
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
-}
+// added lane-wise at the end, then reduced by reduce8 (qmatmul_common.h, as qmatmul.cpp's AVX2 path).
 
 inline __m256 lane_pattern(float v0, float v1) {
     return _mm256_blend_ps(_mm256_set1_ps(v0), _mm256_set1_ps(v1), 0xF0);
@@ -406,25 +398,16 @@ void matmul(const F& f, const float* x, int64_t x_stride, int64_t M, int64_t N, 
     thread_local Acts buffers;
     Acts& a = buffers;
     quantize(x, x_stride, M, f.K, a);
-    const int64_t chunks = (N + COL_CHUNK - 1) / COL_CHUNK;
-#pragma omp parallel for schedule(static) if (chunks > 1)
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        const int64_t n_begin = chunk * COL_CHUNK;
-        const int64_t n_end = n_begin + COL_CHUNK < N ? n_begin + COL_CHUNK : N;
+    for_column_chunks(N, [&](int64_t n_begin, int64_t n_end) {
 #if TRILLM_A8_AVX512 || TRILLM_A8_AVX2
-        for (int64_t m0 = 0; m0 < M; m0 += ROW_TILE) {
-            switch (M - m0 < ROW_TILE ? M - m0 : ROW_TILE) {
-                case 1: row_tile<F, 1>(f, a, m0, n_begin, n_end, bias, y, y_stride); break;
-                case 2: row_tile<F, 2>(f, a, m0, n_begin, n_end, bias, y, y_stride); break;
-                case 3: row_tile<F, 3>(f, a, m0, n_begin, n_end, bias, y, y_stride); break;
-                default: row_tile<F, 4>(f, a, m0, n_begin, n_end, bias, y, y_stride); break;
-            }
-        }
+        for_row_tiles(M, [&](auto rows, int64_t m0) {
+            row_tile<F, decltype(rows)::value>(f, a, m0, n_begin, n_end, bias, y, y_stride);
+        });
 #else
         for (int64_t n = n_begin; n < n_end; ++n)
             for (int64_t m = 0; m < M; ++m) y[m * y_stride + n] = with_bias(dot_generic(f, a, m, n), bias, n);
 #endif
-    }
+    });
 }
 
 }  // namespace
@@ -446,7 +429,7 @@ int trillm_a8_quantize(const float* x, int64_t x_stride, int64_t M, int64_t K, i
 // As trillm_q4_matmul (qmatmul.cpp), activations rounded to int8 per block of 32. K a multiple of 64.
 int trillm_q4a8_matmul(const float* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* w, const float* scale,
                        const float* zero, int64_t group, int64_t N, const float* bias, float* y, int64_t y_stride) {
-    const int64_t shift = group == 32 ? 0 : group == 64 ? 1 : group == 128 ? 2 : -1;
+    const int64_t shift = group_shift(group);
     if (shift < 0 || K % group != 0 || K % PAIR != 0) return 1;
     matmul(Int4{w, scale, zero, K, shift}, x, x_stride, M, N, bias, y, y_stride);
     return 0;
