@@ -187,76 +187,62 @@ class Fused:
 class QMatmul:
     """``csrc/qmatmul.cpp``'s int4 and int8 matmuls, on tensors (float32 activations, rows contiguous)."""
 
+    SYMBOL = ""  # the C functions are trillm_q4{SYMBOL}_matmul, trillm_q8{SYMBOL}_matmul, trillm_qmatmul{_SYMBOL}_isa
+    MULTIPLE = 32  # of K, what the kernels take
+    ISAS = {2: "avx512", 1: "avx2"}
+
     def __init__(self, path: Path) -> None:
         self.path = path
         lib = _library(path)
         i64, vp = ctypes.c_int64, ctypes.c_void_p
-        lib.trillm_q4_matmul.argtypes = [vp, i64, i64, i64, vp, vp, vp, i64, i64, vp, vp, i64]
-        lib.trillm_q8_matmul.argtypes = [vp, i64, i64, i64, vp, vp, i64, vp, vp, i64]
-        for fn in (lib.trillm_q4_matmul, lib.trillm_q8_matmul, lib.trillm_qmatmul_isa):
+        self._q4 = getattr(lib, f"trillm_q4{self.SYMBOL}_matmul")
+        self._q8 = getattr(lib, f"trillm_q8{self.SYMBOL}_matmul")
+        isa = getattr(lib, f"trillm_qmatmul{'_' + self.SYMBOL if self.SYMBOL else ''}_isa")
+        self._q4.argtypes = [vp, i64, i64, i64, vp, vp, vp, i64, i64, vp, vp, i64]
+        self._q8.argtypes = [vp, i64, i64, i64, vp, vp, i64, vp, vp, i64]
+        for fn in (self._q4, self._q8, isa):
             fn.restype = ctypes.c_int
-        self.isa = {2: "avx512", 1: "avx2"}.get(lib.trillm_qmatmul_isa(), "generic")
+        self.isa = self.ISAS.get(isa(), "generic")
         self._lib = lib
 
     def int4(self, x, packed, scale, zero, group: int, bias, y) -> None:
         """``y = x @ deq(W).T (+ bias)`` for int4 ``packed`` [N, K / 2] with float32 ``scale``/``zero`` [N, K / group]."""
         rows, k = x.shape
-        rc = self._lib.trillm_q4_matmul(x.data_ptr(), x.stride(0), rows, k, packed.data_ptr(), scale.data_ptr(),
-                                        zero.data_ptr(), group, packed.shape[0],
-                                        None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0))
+        rc = self._q4(x.data_ptr(), x.stride(0), rows, k, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), group,
+                      packed.shape[0], None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0))
         if rc != 0:
-            raise ValueError(f"trillm_q4_matmul: {k} inputs with group {group} (needs a multiple of 32 and group 32/64/128)")
+            raise ValueError(f"{self._q4.__name__}: {k} inputs with group {group} (needs a multiple of "
+                             f"{self.MULTIPLE} and group 32/64/128)")
 
     def int8(self, x, q, scale, bias, y) -> None:
         """``y = x @ (q * scale[:, None]).T (+ bias)`` for int8 ``q`` [N, K] and float32 ``scale`` [N]."""
         rows, k = x.shape
-        rc = self._lib.trillm_q8_matmul(x.data_ptr(), x.stride(0), rows, k, q.data_ptr(), scale.data_ptr(),
-                                        q.shape[0], None if bias is None else bias.data_ptr(), y.data_ptr(),
-                                        y.stride(0))
+        rc = self._q8(x.data_ptr(), x.stride(0), rows, k, q.data_ptr(), scale.data_ptr(), q.shape[0],
+                      None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0))
         if rc != 0:
-            raise ValueError(f"trillm_q8_matmul: {k} inputs (needs a multiple of 32)")
+            raise ValueError(f"{self._q8.__name__}: {k} inputs (needs a multiple of {self.MULTIPLE})")
 
 
-class QMatmulA8:
+class QMatmulA8(QMatmul):
     """``csrc/qmatmul_a8.cpp``: qmatmul.cpp's int4 and int8 weights against activations rounded to
-    int8 per block of 32 inputs (integer dot products: VNNI on AVX-512, vpmaddubsw on AVX2)."""
+    int8 per block of 32 inputs (integer dot products: VNNI on AVX-512, vpmaddubsw on AVX2). Its
+    :meth:`int8` takes ``q`` in the pair layout (quant.pack_pairs)."""
+
+    SYMBOL = "a8"
+    MULTIPLE = 64
+    ISAS = {2: "avx512-vnni", 1: "avx2"}
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        lib = _library(path)
+        super().__init__(path)
         i64, vp = ctypes.c_int64, ctypes.c_void_p
-        lib.trillm_q4a8_matmul.argtypes = [vp, i64, i64, i64, vp, vp, vp, i64, i64, vp, vp, i64]
-        lib.trillm_q8a8_matmul.argtypes = [vp, i64, i64, i64, vp, vp, i64, vp, vp, i64]
-        lib.trillm_a8_quantize.argtypes = [vp, i64, i64, i64, vp, vp]
-        for fn in (lib.trillm_q4a8_matmul, lib.trillm_q8a8_matmul, lib.trillm_a8_quantize, lib.trillm_qmatmul_a8_isa):
-            fn.restype = ctypes.c_int
-        self.isa = {2: "avx512-vnni", 1: "avx2"}.get(lib.trillm_qmatmul_a8_isa(), "generic")
-        self._lib = lib
+        self._lib.trillm_a8_quantize.argtypes = [vp, i64, i64, i64, vp, vp]
+        self._lib.trillm_a8_quantize.restype = ctypes.c_int
 
     def quantize(self, x, xq, dx) -> None:
         """x [M, K] float32 -> xq int8 [M, K] (the pair layout) and dx float32 [M, K / 32], as the matmuls do."""
         rows, k = x.shape
         if self._lib.trillm_a8_quantize(x.data_ptr(), x.stride(0), rows, k, xq.data_ptr(), dx.data_ptr()) != 0:
             raise ValueError(f"trillm_a8_quantize: {k} inputs (needs a multiple of 64)")
-
-    def int4(self, x, packed, scale, zero, group: int, bias, y) -> None:
-        """As :meth:`QMatmul.int4`, x rounded to int8 per block of 32 inputs."""
-        rows, k = x.shape
-        rc = self._lib.trillm_q4a8_matmul(x.data_ptr(), x.stride(0), rows, k, packed.data_ptr(), scale.data_ptr(),
-                                          zero.data_ptr(), group, packed.shape[0],
-                                          None if bias is None else bias.data_ptr(), y.data_ptr(), y.stride(0))
-        if rc != 0:
-            raise ValueError(f"trillm_q4a8_matmul: {k} inputs with group {group} (needs a multiple of 64 and "
-                             f"group 32/64/128)")
-
-    def int8(self, x, q_pairs, scale, bias, y) -> None:
-        """As :meth:`QMatmul.int8` with ``q_pairs`` in the pair layout (quant.pack_pairs), x rounded to int8."""
-        rows, k = x.shape
-        rc = self._lib.trillm_q8a8_matmul(x.data_ptr(), x.stride(0), rows, k, q_pairs.data_ptr(), scale.data_ptr(),
-                                          q_pairs.shape[0], None if bias is None else bias.data_ptr(), y.data_ptr(),
-                                          y.stride(0))
-        if rc != 0:
-            raise ValueError(f"trillm_q8a8_matmul: {k} inputs (needs a multiple of 64)")
 
 
 @cache
