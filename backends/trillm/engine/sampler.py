@@ -109,11 +109,11 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, float]
     path as a row among others, so its result does not depend on the batch.
     """
     results: list[tuple[int, float] | Exception | None] = [None] * len(seqs)
-    finite = _usable_rows(logits)
+    usable = _usable_rows(logits)
     vocab = logits.shape[-1]
     together, banned_rows, banned_ids = [], [], []
     for i, seq in enumerate(seqs):
-        if not finite[i]:
+        if not usable[i]:
             results[i] = SamplingError("the model produced NaN or no finite logits")
             continue
         banned = banned_tokens(seq) if _greedy_with_bans_at_most(seq) else None
